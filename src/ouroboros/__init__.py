@@ -1,0 +1,10 @@
+"""ouroboros-decoding: lossless phrase-level speculative decoding for Hugging Face causal LMs."""
+
+from .config import OuroborosConfig
+from .generation import METHODS, GenerationOutput, GenerationStats, generate
+from .pool import PhrasePool
+from .runner import UnsupportedModelError
+
+__all__ = ["METHODS", "GenerationOutput", "GenerationStats", "OuroborosConfig", "PhrasePool",
+           "UnsupportedModelError", "generate"]
+__version__ = "0.1.0"

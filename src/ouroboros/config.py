@@ -1,0 +1,59 @@
+"""Settings of the Ouroboros method, validated up front so a bad value fails before any forward."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class OuroborosConfig:
+    """Sizes and switches for drafting and verification.
+
+    The defaults are sized for a 2-core CPU, where a forward over up to ~16 new tokens costs about
+    the same as over one token and a draft forward costs ~0.4 of a target forward (see BENCHMARKS.md
+    for the measurements they were chosen from). GPU users will want larger windows and pools.
+    """
+
+    gamma: int = 6
+    """Draft tokens to produce before the target verifies (more are kept when a phrase overshoots)."""
+    window: int = 3
+    """W: columns of the Jacobi (lookahead) window that generates new phrases."""
+    level: int = 4
+    """N: n-gram size; a phrase is the N-1 tokens that follow its key token."""
+    pool_size: int = 8
+    """G: phrases kept per key token in the pool (oldest dropped first)."""
+    step_phrases: int = 2
+    """Phrases (newest first) checked by each Jacobi drafting step."""
+    branches: int = 2
+    """K: newest phrases of the draft's last token verified by the target as extra branches."""
+    max_ngram: int = 3
+    """Longest context n-gram that prompt lookup tries to match."""
+    phrase_drafting: bool = True
+    """Draft with the Jacobi window and pool phrases (off: token by token)."""
+    lengthen: bool = True
+    """Attach pool phrases after the draft as branches for the target to verify."""
+    harvest: bool = True
+    """Learn phrases from the target's outputs on rejected and tried tokens."""
+    context_phrases: bool = True
+    """Seed the pool with n-grams of the prompt and of the output so far."""
+
+    def __post_init__(self) -> None:
+        minimum = {"gamma": 1, "window": 1, "level": 2, "pool_size": 1, "step_phrases": 0,
+                   "branches": 0, "max_ngram": 1}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"OuroborosConfig.{f.name} must be an int, got {value!r}")
+                if value < minimum[f.name]:
+                    raise ValueError(f"OuroborosConfig.{f.name} must be >= {minimum[f.name]}, got {value}")
+            elif not isinstance(value, bool):
+                raise TypeError(f"OuroborosConfig.{f.name} must be a bool, got {value!r}")
+        for name in ("step_phrases", "branches"):
+            if getattr(self, name) > self.pool_size:
+                raise ValueError(
+                    f"OuroborosConfig.{name}={getattr(self, name)} exceeds pool_size={self.pool_size}: "
+                    "the pool never holds that many phrases per key")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,200 @@
+"""The generation loop: propose, verify in one target forward, learn, emit; until EOS or budget."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .acceptance import greedy_verify
+from .config import OuroborosConfig
+from .pool import PhrasePool
+from .proposers import (Context, DraftModelProposer, LookaheadProposer, PromptLookupProposer, Proposer,
+                        decode_step)
+from .runner import ModelRunner, check_tree_attention
+
+METHODS = ("vanilla", "speculative", "lookahead", "prompt_lookup", "ouroboros")
+DRAFT_METHODS = ("speculative", "ouroboros")
+
+
+@dataclass
+class GenerationStats:
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    new_tokens: int = 0
+    accept_lengths: list[int] = field(default_factory=list)
+    """Tokens emitted per target forward (the first forward includes the prefill)."""
+    wall_time: float = 0.0
+    """Seconds for the whole call, prefill included."""
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.new_tokens / max(self.target_forwards, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_time if self.wall_time > 0 else 0.0
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.LongTensor
+    """[1, prompt_len + new_len], prompt included, like transformers' generate."""
+    stats: GenerationStats
+    finish_reason: str = "length"
+    """"stop" (EOS or a stopping callback) or "length" (max_new_tokens reached)."""
+
+
+def generate(
+    target,
+    input_ids: torch.Tensor,
+    *,
+    draft=None,
+    method: str = "ouroboros",
+    max_new_tokens: int = 128,
+    eos_token_id: int | Sequence[int] | None = None,
+    config: OuroborosConfig | None = None,
+    pool: PhrasePool | None = None,
+    streamer=None,
+    stopping: Callable[[list[int]], bool] | None = None,
+) -> GenerationOutput:
+    """Generate greedily with `method`; the output equals `target.generate(do_sample=False)`.
+
+    `pool=None` starts a fresh phrase pool (cold); pass a `PhrasePool` to carry phrases across calls
+    (warm). `streamer` follows transformers' protocol (`put`, `end`). `stopping(new_tokens)` is
+    called after each step with all new tokens so far; returning True ends generation there.
+    """
+    config = OuroborosConfig() if config is None else config
+    prompt = _validate(target, input_ids, draft, method, max_new_tokens, config, pool)
+    eos = _eos_ids(target, eos_token_id)
+    stats = GenerationStats()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        runner = ModelRunner(target)
+        proposer = _make_proposer(method, draft, prompt, config, pool)
+        if streamer is not None:
+            streamer.put(input_ids.detach().reshape(1, -1).cpu())
+        context = Context(list(prompt), max_new_tokens)
+        finish = "length"
+        while context.remaining > 0:
+            tree = proposer.propose(context)
+            result = decode_step(runner, context.tokens, tree, greedy_verify)
+            proposer.learn(context, tree, result)
+            emitted = result.emitted[:context.remaining]
+            ends = [i for i, token in enumerate(emitted) if token in eos]
+            if ends:
+                emitted = emitted[:ends[0] + 1]
+            context.tokens += emitted
+            context.remaining -= len(emitted)
+            stats.accept_lengths.append(len(emitted))
+            if streamer is not None:
+                streamer.put(torch.tensor(emitted))
+            if ends or (stopping is not None and stopping(context.tokens[len(prompt):])):
+                finish = "stop"
+                break
+        if streamer is not None:
+            streamer.end()
+    stats.wall_time = time.perf_counter() - start
+    stats.target_forwards = runner.forwards
+    stats.draft_forwards = proposer.draft_forwards
+    stats.new_tokens = len(context.tokens) - len(prompt)
+    sequences = torch.tensor([context.tokens], dtype=torch.long, device=input_ids.device)
+    return GenerationOutput(sequences, stats, finish)
+
+
+def _make_proposer(method: str, draft, prompt: list[int], config: OuroborosConfig,
+                   pool: PhrasePool | None) -> Proposer:
+    if method == "vanilla":
+        return Proposer()
+    if method == "prompt_lookup":
+        return PromptLookupProposer(config.gamma, config.max_ngram)
+    pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
+    if method == "lookahead":
+        return LookaheadProposer(pool, config, seed=prompt)
+    runner = ModelRunner(draft)
+    if method == "speculative":
+        return DraftModelProposer(runner, Proposer(), pool, config, lengthen=False, harvest=False,
+                                  context_phrases=False)
+    if config.context_phrases:
+        pool.insert_ngrams(prompt)
+    drafter = LookaheadProposer(pool, config, seed=prompt) if config.phrase_drafting else Proposer()
+    return DraftModelProposer(runner, drafter, pool, config, lengthen=config.lengthen, harvest=config.harvest,
+                              context_phrases=config.context_phrases)
+
+
+def _eos_ids(target, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        generation_config = getattr(target, "generation_config", None)
+        eos_token_id = getattr(generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.tolist()
+    if isinstance(eos_token_id, int):
+        eos_token_id = [eos_token_id]
+    ids = set()
+    for token in eos_token_id:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"eos_token_id must be a non-negative int or a list of them, got {eos_token_id!r}")
+        ids.add(token)
+    return ids
+
+
+def _vocab_size(model) -> int:
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return int(config.vocab_size)
+
+
+def _context_length(model) -> int | None:
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _validate(target, input_ids, draft, method, max_new_tokens, config, pool) -> list[int]:
+    """Check every argument before any forward; return the prompt as a list of ids."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(config, OuroborosConfig):
+        raise TypeError(f"config must be an OuroborosConfig, got {type(config).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.LongTensor of shape [1, length], got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids has a batch of {input_ids.shape[0]} sequences; only batch size 1 is "
+                         "supported for now (batching is planned): call generate once per sequence")
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must have shape [1, length] or [length], got {tuple(input_ids.shape)}")
+    prompt = input_ids.reshape(-1).tolist()
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    vocab = _vocab_size(target)
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise ValueError(f"input_ids hold ids outside the target's vocabulary [0, {vocab})")
+    limit = _context_length(target)
+    if limit is not None and len(prompt) + max_new_tokens > limit:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the target's "
+                         f"context of {limit} tokens")
+    if method in DRAFT_METHODS:
+        if draft is None:
+            raise ValueError(f"method {method!r} needs a draft model: pass draft=...")
+        if _vocab_size(draft) != vocab:
+            raise ValueError(f"the draft's vocabulary ({_vocab_size(draft)}) differs from the target's ({vocab}): "
+                             "the models must share one tokenizer")
+        draft_limit = _context_length(draft)
+        if draft_limit is not None and len(prompt) + max_new_tokens > draft_limit:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"draft's context of {draft_limit} tokens")
+    if pool is not None:
+        if not isinstance(pool, PhrasePool):
+            raise TypeError(f"pool must be a PhrasePool or None, got {type(pool).__name__}")
+        if pool.level != config.level:
+            raise ValueError(f"the pool holds {pool.level}-grams but config.level is {config.level}")
+    check_tree_attention(target)
+    if method in DRAFT_METHODS:
+        check_tree_attention(draft)
+    return prompt
