@@ -1,0 +1,117 @@
+"""The `ouroboros` command: generate (streamed), bench, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .config import OuroborosConfig
+from .generation import METHODS
+
+CONFIG_FIELDS = [name for name in OuroborosConfig.__dataclass_fields__]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every subcommand that loads the model pair."""
+    parser.add_argument("--target", help="target model directory (default: the built-in Qwen2.5-Coder 1.5B)")
+    parser.add_argument("--draft", help="draft model directory (default: the built-in Qwen2.5-Coder 0.5B)")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    parser.add_argument("--device", default="cpu", help="torch device for both models (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per OuroborosConfig field, e.g. --gamma 6 or --no-lengthen."""
+    defaults = OuroborosConfig()
+    for name in CONFIG_FIELDS:
+        flag = "--" + name.replace("_", "-")
+        value = getattr(defaults, name)
+        if isinstance(value, bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, dest=name, type=int, default=value, help=f"(default {value})")
+
+
+def config_from_args(args: argparse.Namespace) -> OuroborosConfig:
+    return OuroborosConfig(**{name: getattr(args, name) for name in CONFIG_FIELDS})
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from .generation import generate
+    from .loading import load_pair
+
+    config = config_from_args(args)
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    apply_threads(args)
+    target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    if args.chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = args.prompt
+    input_ids = tokenizer(text, return_tensors="pt").input_ids.to(target.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = generate(target, input_ids, draft=draft, method=args.method, max_new_tokens=args.max_new_tokens,
+                   config=config, streamer=streamer)
+    s = out.stats
+    print(f"\n[{args.method}] {s.new_tokens} tokens in {s.wall_time:.2f} s: {s.tokens_per_second:.2f} tokens/s, "
+          f"{s.mean_accepted:.2f} tokens per target forward ({s.target_forwards} target, "
+          f"{s.draft_forwards} draft forwards)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ouroboros", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text, streamed, with a speed summary")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--method", default="ouroboros", choices=METHODS)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                     help="wrap the prompt in the target's chat template (default: on)")
+    add_model_arguments(gen)
+    add_config_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    try:
+        from .bench import add_bench_parser
+    except ImportError:
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub)
+    try:
+        from .server import add_serve_parser
+    except ImportError:
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"ouroboros {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Tiny random models and a byte-level tokenizer, built from configs in the tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 97, layers: int = 2, hidden: int = 32,
+               eos_token_id=None, context: int = 1024):
+    """A random fp32 causal LM; seed fixes the weights."""
+    config_cls, model_cls = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                        eos_token_id=eos_token_id, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = eos_token_id
+    return model
+
+
+def perturbed(model, scale: float = 0.02, seed: int = 1):
+    """A copy of `model` with small noise on every weight: a draft that mostly agrees."""
+    copy = type(model)(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale * p.std().clamp(min=1e-3))
+    copy.generation_config.eos_token_id = model.generation_config.eos_token_id
+    return copy
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 256 byte tokens then the chat specials (vocab 259)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=SPECIALS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_pair(directory, arch: str = "qwen2", seed: int = 0):
+    """Save a target and a perturbed draft (sharing the tiny tokenizer) under directory/target and
+    directory/draft, loadable with from_pretrained; returns the two paths."""
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    target = tiny_model(arch, seed=seed, vocab=len(tokenizer), eos_token_id=eos, hidden=64)
+    draft = perturbed(target, scale=0.05, seed=seed + 1)
+    paths = []
+    for name, model in (("target", target), ("draft", draft)):
+        path = directory / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
