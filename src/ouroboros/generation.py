@@ -28,6 +28,9 @@ class GenerationStats:
     """Tokens emitted per target forward (the first forward includes the prefill)."""
     wall_time: float = 0.0
     """Seconds for the whole call, prefill included."""
+    events: dict[str, int] = field(default_factory=dict)
+    """Acceptance paths taken: trunk_full, trunk_partial, branch_accepted, branch_rejected,
+    phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step)."""
 
     @property
     def mean_accepted(self) -> float:
@@ -99,6 +102,7 @@ def generate(
     stats.wall_time = time.perf_counter() - start
     stats.target_forwards = runner.forwards
     stats.draft_forwards = proposer.draft_forwards
+    stats.events = dict(proposer.events)
     stats.new_tokens = len(context.tokens) - len(prompt)
     sequences = torch.tensor([context.tokens], dtype=torch.long, device=input_ids.device)
     return GenerationOutput(sequences, stats, finish)

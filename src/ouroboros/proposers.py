@@ -7,6 +7,7 @@ for all of them, so methods can be compared side by side in one engine.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,10 @@ class Proposer:
 
     draft_forwards = 0
 
+    def __init__(self):
+        self.events: Counter[str] = Counter()
+        """How often each acceptance path happened (diagnostics, and proof in tests)."""
+
     def propose(self, context: Context) -> DraftTree:
         return DraftTree(max_depth=context.remaining - 1)
 
@@ -53,6 +58,7 @@ class PromptLookupProposer(Proposer):
     """Drafts the tokens that followed the latest earlier occurrence of the context's last n-gram."""
 
     def __init__(self, gamma: int, max_ngram: int):
+        super().__init__()
         self.gamma = gamma
         self.max_ngram = max_ngram
 
@@ -75,6 +81,7 @@ class LookaheadProposer(Proposer):
     draft model's drafting step inside Ouroboros."""
 
     def __init__(self, pool: PhrasePool, config: OuroborosConfig, seed: Sequence[int]):
+        super().__init__()
         self.pool = pool
         self.phrases = config.step_phrases
         self.window = JacobiWindow(config.window, config.level, seed)
@@ -87,6 +94,8 @@ class LookaheadProposer(Proposer):
         return tree
 
     def learn(self, context: Context, tree: DraftTree, result: StepResult) -> None:
+        if tree.size:
+            self.events["phrase_accepted" if result.path else "phrase_rejected"] += 1
         outputs = result.argmax[1 + tree.size:]
         for key, phrase in self.window.update(context.tokens[-1], result.argmax[0], outputs):
             self.pool.insert(key, phrase)
@@ -100,6 +109,7 @@ class DraftModelProposer(Proposer):
 
     def __init__(self, runner: ModelRunner, drafter: Proposer, pool: PhrasePool, config: OuroborosConfig,
                  *, lengthen: bool, harvest: bool, context_phrases: bool):
+        super().__init__()
         self.runner = runner
         self.drafter = drafter
         self.pool = pool
@@ -138,13 +148,22 @@ class DraftModelProposer(Proposer):
         return tree
 
     def learn(self, context: Context, tree: DraftTree, result: StepResult) -> None:
+        accepted = min(len(result.path), len(self._trunk))  # the path follows the trunk first
+        self._count_events(result, accepted)
         if self.harvest and self._trunk:
-            accepted = sum(1 for a, b in zip(result.path, self._trunk) if a == b)
             self._harvest_rejected(tree, result, self._trunk[accepted:])
             self._refine_tried(tree, result)
         if self.context_phrases:
             keep = self.pool.level - 1
             self.pool.insert_ngrams(context.tokens[-keep:] + result.emitted)
+
+    def _count_events(self, result: StepResult, accepted: int) -> None:
+        if self._trunk:
+            self.events["trunk_full" if accepted == len(self._trunk) else "trunk_partial"] += 1
+        if self._tried and accepted == len(self._trunk):
+            self.events["branch_accepted" if len(result.path) > accepted else "branch_rejected"] += 1
+        self.events.update(self.drafter.events)
+        self.drafter.events.clear()
 
     def _harvest_rejected(self, tree: DraftTree, result: StepResult, rejected: list[int]) -> None:
         """Runs of the target's own predictions over the rejected draft tail become phrases:
