@@ -72,7 +72,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_missing_extra_parser(sub, command: str, extra: str, missing: str) -> None:
+    """A stand-in sub-command that says which extra to install, instead of a traceback."""
+    def explain(args: argparse.Namespace) -> int:
+        raise RuntimeError(f"'ouroboros {command}' needs {missing!r}: pip install \"ouroboros-decoding[{extra}]\"")
+
+    stub = sub.add_parser(command, help=f"(needs the [{extra}] extra)", add_help=False)
+    stub.add_argument("rest", nargs=argparse.REMAINDER)
+    stub.set_defaults(func=explain)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import add_bench_parser
+
     parser = argparse.ArgumentParser(prog="ouroboros", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -86,17 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
-    try:
-        from .bench import add_bench_parser
-    except ImportError:
-        add_bench_parser = None
-    if add_bench_parser is not None:
-        add_bench_parser(sub)
+    add_bench_parser(sub)
     try:
         from .server import add_serve_parser
-    except ImportError:
-        add_serve_parser = None
-    if add_serve_parser is not None:
+    except ModuleNotFoundError as exc:
+        add_missing_extra_parser(sub, "serve", "serve", exc.name)
+    else:
         add_serve_parser(sub)
     return parser
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .acceptance import greedy_verify
+from .acceptance import Sampler, greedy_verify
 from .config import OuroborosConfig
 from .pool import PhrasePool
 from .proposers import (Context, DraftModelProposer, LookaheadProposer, PromptLookupProposer, Proposer,
@@ -62,8 +64,21 @@ def generate(
     pool: PhrasePool | None = None,
     streamer=None,
     stopping: Callable[[list[int]], bool] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> GenerationOutput:
-    """Generate greedily with `method`; the output equals `target.generate(do_sample=False)`.
+    """Generate with `method`; the output is exactly the target's own decoding.
+
+    Greedy (default, or temperature=0) equals `target.generate(do_sample=False)` token for token.
+    With `do_sample=True`, every output sequence has exactly the distribution of sampling from the
+    target alone with the same warpers (temperature, top_k, top_p, min_p; applied in transformers'
+    order; unlike transformers, nothing is read from `generation_config`: top_k=0 means off).
+    `seed` (or a CPU `generator`) makes sampling reproducible run to run.
 
     `pool=None` starts a fresh phrase pool (cold); pass a `PhrasePool` to carry phrases across calls
     (warm). `streamer` follows transformers' protocol (`put`, `end`). `stopping(new_tokens)` is
@@ -71,6 +86,7 @@ def generate(
     """
     config = OuroborosConfig() if config is None else config
     prompt = _validate(target, input_ids, draft, method, max_new_tokens, config, pool)
+    verify = _make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator)
     eos = _eos_ids(target, eos_token_id)
     stats = GenerationStats()
     start = time.perf_counter()
@@ -83,7 +99,7 @@ def generate(
         finish = "length"
         while context.remaining > 0:
             tree = proposer.propose(context)
-            result = decode_step(runner, context.tokens, tree, greedy_verify)
+            result = decode_step(runner, context.tokens, tree, verify)
             proposer.learn(context, tree, result)
             emitted = result.emitted[:context.remaining]
             ends = [i for i, token in enumerate(emitted) if token in eos]
@@ -126,6 +142,40 @@ def _make_proposer(method: str, draft, prompt: list[int], config: OuroborosConfi
     drafter = LookaheadProposer(pool, config, seed=prompt) if config.phrase_drafting else Proposer()
     return DraftModelProposer(runner, drafter, pool, config, lengthen=config.lengthen, harvest=config.harvest,
                               context_phrases=config.context_phrases)
+
+
+def _make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator):
+    """Validate the sampling settings; return the verification rule (greedy or a Sampler)."""
+    def number(name, value, low, high, low_open=False):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if value < low or value > high or (low_open and value == low):
+            bounds = f"{'(' if low_open else '['}{low}, {high}]"
+            raise ValueError(f"{name} must be in {bounds}, got {value}")
+
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
+    number("temperature", temperature, 0.0, math.inf)
+    number("top_p", top_p, 0.0, 1.0, low_open=True)
+    number("min_p", min_p, 0.0, 1.0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed or generator, not both")
+    if not do_sample:
+        return greedy_verify
+    if temperature == 0:
+        warnings.warn("do_sample=True with temperature=0: temperature 0 wins, decoding greedily", stacklevel=3)
+        return greedy_verify
+    if generator is None:
+        generator = torch.Generator()
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+    return Sampler(temperature, top_k, top_p, min_p, generator).verify
 
 
 def _eos_ids(target, eos_token_id) -> set[int]:

@@ -144,7 +144,9 @@ class DraftModelProposer(Proposer):
         if self._trunk and self.branches:
             last = self._trunk[-1]
             for phrase in self.pool.lookup(tree.tokens[last], self.branches):
-                self._tried.append((phrase, tree.add_chain(phrase, parent=last)))
+                nodes = tree.add_chain(phrase, parent=last)
+                if nodes:  # empty when the trunk already reaches the token budget
+                    self._tried.append((phrase, nodes))
         return tree
 
     def learn(self, context: Context, tree: DraftTree, result: StepResult) -> None:

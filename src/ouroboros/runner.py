@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from .acceptance import check_finite
 from .tree import DraftTree
 
 _TREE_ATTENTION_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -64,6 +65,8 @@ def check_tree_attention(model) -> None:
     except Exception as exc:  # the model rejected the arguments: say which model and why
         raise UnsupportedModelError(
             f"{name} cannot run with position_ids, a custom 4-D attention mask and a DynamicCache: {exc}") from exc
+    for logits in (masked, causal, alone):
+        check_finite(logits)
     if not (masked - alone).abs().max() < (masked - causal).abs().max():
         raise UnsupportedModelError(f"{name} ignores a custom 4-D attention mask, so it cannot verify draft trees")
     _TREE_ATTENTION_OK[model] = True

@@ -1,0 +1,227 @@
+"""`ouroboros bench` end to end on a tiny random pair: every output file present and well-formed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ouroboros.bench import (ABLATION_METHODS, DEFAULT_METHODS, Question, cut_at_eos, sampling_supported,
+                             select_questions)
+from ouroboros.cli import main
+from tiny_models import save_tiny_pair
+
+ENGINE_METHODS = ("speculative", "lookahead", "prompt_lookup", "ouroboros", "ouroboros_warm")
+HF_METHODS = ("hf_vanilla", "hf_assisted", "hf_prompt_lookup")
+QUESTIONS = [
+    {"question_id": 1, "category": "qa", "turns": ["Who wrote the play Hamlet?"]},
+    {"question_id": 2, "category": "translation", "turns": ["Translate to English: Guten Morgen, wie geht es?"]},
+    {"question_id": 3, "category": "qa", "turns": ["What is the capital of France?", "And of Spain?"]},
+    {"question_id": 4, "category": "translation", "turns": ["Translate to English: Danke schoen."]},
+]
+ANSWER_CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"}
+FIGURE_KEYS = {"questions", "new_tokens", "wall_time", "tokens_per_second", "speedup", "mean_accepted",
+               "target_forwards_per_token", "draft_forwards_per_token", "identical_share", "divergences"}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    target, draft = save_tiny_pair(tmp_path_factory.mktemp("pair"))
+    return ["--target", str(target), "--draft", str(draft), "--dtype", "float32", "--threads", "1"]
+
+
+@pytest.fixture
+def questions(tmp_path):
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS), encoding="utf-8")
+    return path
+
+
+def bench(pair, *options) -> int:
+    return main(["bench", *pair, "--max-new-tokens", "8", *options])
+
+
+def read_answers(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def check_answer_files(results, out, question_ids, methods):
+    """One Spec-Bench answer line per question and method, with the fields speed.py reads."""
+    for temperature, files in results["files"]["answers"].items():
+        assert sorted(files) == sorted(methods)
+        for method, path in files.items():
+            assert path.startswith(str(out))
+            rows = read_answers(out / "answers" / f"{method}-temp-{temperature}.jsonl")
+            assert [row["question_id"] for row in rows] == question_ids
+            for row in rows:
+                assert {"question_id", "category", "answer_id", "model_id", "choices", "tstamp"} <= set(row)
+                choice = row["choices"][0]
+                assert set(choice) == ANSWER_CHOICE_KEYS and choice["index"] == 0
+                turns = len(choice["turns"])
+                assert turns >= 1 and all(isinstance(text, str) for text in choice["turns"])
+                for key in ("new_tokens", "wall_time", "decoding_steps"):
+                    assert len(choice[key]) == turns
+                assert all(1 <= n <= 8 for n in choice["new_tokens"])
+                assert all(t > 0 for t in choice["wall_time"])
+                if method in HF_METHODS:
+                    assert choice["accept_lengths"] == []
+                else:
+                    assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
+
+
+def test_spec_bench_end_to_end(pair, questions, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench(pair, "--questions", str(questions), "--num-prompts", "3", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "includes prefill" in printed and "ouroboros_warm" in printed
+
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert {"settings", "arguments", "command", "versions", "machine", "runs", "files"} <= set(results)
+    assert set(results["versions"]) == {"python", "torch", "transformers", "ouroboros"}
+    assert {"platform", "cpu_count", "torch_threads"} <= set(results["machine"])
+    settings = results["settings"]
+    assert settings["question_ids"] == [1, 2, 3] and settings["prompt_format"] == "chat template"
+    assert settings["dtype"] == "float32" and settings["max_new_tokens"] == 8 and "prefill" in settings["timing"]
+    assert settings["methods"] == list(DEFAULT_METHODS)
+
+    (run,) = results["runs"]
+    assert run["temperature"] == 0 and run["sampling"] is False
+    assert set(run["categories"]) == {"qa", "translation"}
+    for scope in [run["overall"], *run["categories"].values()]:
+        assert set(scope) == set(DEFAULT_METHODS)
+        for figures in scope.values():
+            assert FIGURE_KEYS <= set(figures) and figures["tokens_per_second"] > 0
+    overall = run["overall"]
+    assert overall["hf_vanilla"]["speedup"] == pytest.approx(1.0)
+    assert run["categories"]["qa"]["ouroboros"]["questions"] == 2
+    for method in HF_METHODS:
+        assert overall[method]["mean_accepted"] is None
+    for method in ENGINE_METHODS:
+        assert overall[method]["mean_accepted"] >= 1
+        assert overall[method]["identical_share"] == 1.0, overall[method]["divergences"]
+    assert overall["hf_vanilla"]["target_forwards_per_token"] == pytest.approx(1.0)
+    assert [q["question_id"] for q in run["questions"]] == [1, 2, 3]
+
+    check_answer_files(results, out, [1, 2, 3], DEFAULT_METHODS)
+    png = (out / "speedup.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_humaneval(pair, tmp_path):
+    out = tmp_path / "out"
+    assert bench(pair, "--num-prompts", "2", "--start", "1", "--methods", "ouroboros,prompt_lookup",
+                 "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["settings"]["dataset"] == "humaneval"
+    assert results["settings"]["prompt_format"] == "raw text"
+    assert results["settings"]["methods"] == ["hf_vanilla", "ouroboros", "prompt_lookup"]
+    (run,) = results["runs"]
+    assert list(run["categories"]) == ["humaneval"]
+    assert run["overall"]["ouroboros"]["identical_share"] == 1.0
+    check_answer_files(results, out, ["HumanEval/1", "HumanEval/2"], ["hf_vanilla", "ouroboros", "prompt_lookup"])
+    assert (out / "speedup.png").stat().st_size > 0
+
+
+def test_ablation_all_turns(pair, questions, tmp_path):
+    out = tmp_path / "out"
+    assert bench(pair, "--questions", str(questions), "--start", "1", "--num-prompts", "2", "--all-turns",
+                 "--ablation", "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    (run,) = results["runs"]
+    assert list(run["overall"]) == list(ABLATION_METHODS)
+    for method in ABLATION_METHODS:
+        assert run["overall"][method]["identical_share"] == 1.0
+    check_answer_files(results, out, [2, 3], ABLATION_METHODS)
+    rows = read_answers(out / "answers" / "ouroboros_no_harvest-temp-0.jsonl")
+    assert [len(row["choices"][0]["turns"]) for row in rows] == [1, 2]
+
+
+def test_sampling(pair, questions, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = bench(pair, "--questions", str(questions), "--num-prompts", "2", "--temperature", "0", "0.7",
+                 "--methods", "hf_assisted,ouroboros", "--out", str(out))
+    if not sampling_supported():
+        assert code == 2 and "sampling" in capsys.readouterr().err
+        return
+    assert code == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    greedy, sampled = results["runs"]
+    assert sampled["temperature"] == 0.7 and sampled["sampling"] is True
+    assert sampled["overall"]["ouroboros"]["identical_share"] is None
+    assert sampled["overall"]["ouroboros"]["mean_accepted"] >= 1
+    assert sampled["overall"]["hf_assisted"]["speedup"] > 0
+    check_answer_files(results, out, [1, 2], ["hf_vanilla", "hf_assisted", "ouroboros"])
+
+
+def test_missing_questions_file(pair, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "question.jsonl"
+    assert bench(pair, "--questions", str(missing), "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "questions file not found" in err and str(missing) in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--methods", "ouroboros,turbo"], "unknown method 'turbo'"),
+    (["--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be"),
+    (["--top-p", "0"], "--top-p must be"),
+    (["--start", "99"], "--start 99 is past"),
+    (["--categories", "poetry"], "unknown categories poetry"),
+    (["--ablation", "--methods", "ouroboros"], "not both"),
+])
+def test_bad_input(pair, questions, tmp_path, capsys, options, message):
+    assert bench(pair, "--questions", str(questions), "--out", str(tmp_path / "out"), *options) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_question_file(pair, tmp_path, capsys):
+    path = tmp_path / "question.jsonl"
+    path.write_text('{"question_id": 1, "category": "qa", "turns": ["hi"]}\n{"question_id": 2}\n', encoding="utf-8")
+    assert bench(pair, "--questions", str(path)) == 2
+    assert f"{path}:2: missing category, turns" in capsys.readouterr().err
+
+
+def test_select_questions():
+    questions = [Question(i, category, ["q"] * 2) for i, category in
+                 enumerate(["writing", "coding", "qa", "qa", "math", "rag"])]
+    picked = select_questions(questions, start=0, num_prompts=None, categories=["mt_bench", "qa"], per_category=1,
+                              all_turns=False)
+    assert [q.question_id for q in picked] == [0, 2] and all(len(q.turns) == 1 for q in picked)
+    assert [q.group for q in picked] == ["mt_bench", "qa"]
+    picked = select_questions(questions, start=1, num_prompts=2, categories=None, per_category=None, all_turns=True)
+    assert [q.question_id for q in picked] == [1, 2] and len(picked[0].turns) == 2
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([5, 7, 2, 9, 2], [2, 3]) == [5, 7, 2]
+    assert cut_at_eos([5, 7], [2]) == [5, 7]
+
+
+def test_first_divergence_reports_the_logit_gap():
+    import torch
+
+    from ouroboros import OuroborosConfig
+    from ouroboros.bench import METHODS, Answer, Bench, Turn, first_divergence
+    from tiny_models import tiny_model
+
+    target = tiny_model(vocab=50)
+    bench = Bench(target, None, None, [0], 0, False, 8, OuroborosConfig(), 1.0, 0, "cpu")
+    prompt = [3, 4, 5]
+
+    def answer(name, tokens):
+        return Answer(METHODS[name], [Turn(prompt, tokens, "", 1.0, len(tokens), 0, None)])
+
+    vanilla = answer("hf_vanilla", [7, 8, 9, 10])
+    assert first_divergence(bench, vanilla, answer("ouroboros", [7, 8, 9, 10]), greedy=True) is None
+    record = first_divergence(bench, vanilla, answer("ouroboros", [7, 8, 11, 12]), greedy=True)
+    assert record["turn"] == 0 and record["index"] == 2
+    assert record["vanilla_token"] == 9 and record["method_token"] == 11
+    with torch.inference_mode():
+        logits = target(torch.tensor([prompt + [7, 8]])).logits[0, -1]
+    top = logits.topk(2).values
+    assert record["top2_gap"] == pytest.approx(float(top[0] - top[1]), abs=1e-5)
+    assert record["vanilla_minus_method_logit"] == pytest.approx(float(logits[9] - logits[11]), abs=1e-5)
+    record = first_divergence(bench, vanilla, answer("ouroboros", [7, 8, 9]), greedy=False)
+    assert record == {"turn": 0, "index": 3, "vanilla_token": 10, "method_token": None}
