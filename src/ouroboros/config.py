@@ -9,22 +9,25 @@ from dataclasses import asdict, dataclass, fields
 class OuroborosConfig:
     """Sizes and switches for drafting and verification.
 
-    The defaults are sized for a 2-core CPU, where a forward over up to ~16 new tokens costs about
-    the same as over one token and a draft forward costs ~0.4 of a target forward (see BENCHMARKS.md
-    for the measurements they were chosen from). GPU users will want larger windows and pools.
+    The defaults are sized from forward costs measured on a 2-core AVX2 CPU without bf16 matrix
+    units (BENCHMARKS.md), where a bf16 forward costs about one more single-token forward per extra
+    token: so drafts stay short, the draft model runs no Jacobi window (window=1) and checks one pool
+    phrase, and the target verifies one branch. Where extra tokens in a forward are nearly free (GPUs,
+    AVX-512-bf16/AMX CPUs) larger windows, levels and branch counts pay off: e.g. gamma=6, window=4,
+    step_phrases=4, branches=4.
     """
 
-    gamma: int = 6
+    gamma: int = 3
     """Draft tokens to produce before the target verifies (more are kept when a phrase overshoots)."""
-    window: int = 3
+    window: int = 1
     """W: columns of the Jacobi (lookahead) window that generates new phrases."""
     level: int = 4
     """N: n-gram size; a phrase is the N-1 tokens that follow its key token."""
     pool_size: int = 8
     """G: phrases kept per key token in the pool (oldest dropped first)."""
-    step_phrases: int = 2
+    step_phrases: int = 1
     """Phrases (newest first) checked by each Jacobi drafting step."""
-    branches: int = 2
+    branches: int = 1
     """K: newest phrases of the draft's last token verified by the target as extra branches."""
     max_ngram: int = 3
     """Longest context n-gram that prompt lookup tries to match."""

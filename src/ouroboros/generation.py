@@ -196,12 +196,12 @@ def _eos_ids(target, eos_token_id) -> set[int]:
     return ids
 
 
-def _vocab_size(model) -> int:
+def vocab_size(model) -> int:
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     return int(config.vocab_size)
 
 
-def _context_length(model) -> int | None:
+def context_length(model) -> int | None:
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     return getattr(config, "max_position_embeddings", None)
 
@@ -226,20 +226,20 @@ def _validate(target, input_ids, draft, method, max_new_tokens, config, pool) ->
     prompt = input_ids.reshape(-1).tolist()
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
-    vocab = _vocab_size(target)
+    vocab = vocab_size(target)
     if min(prompt) < 0 or max(prompt) >= vocab:
         raise ValueError(f"input_ids hold ids outside the target's vocabulary [0, {vocab})")
-    limit = _context_length(target)
+    limit = context_length(target)
     if limit is not None and len(prompt) + max_new_tokens > limit:
         raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the target's "
                          f"context of {limit} tokens")
     if method in DRAFT_METHODS:
         if draft is None:
             raise ValueError(f"method {method!r} needs a draft model: pass draft=...")
-        if _vocab_size(draft) != vocab:
-            raise ValueError(f"the draft's vocabulary ({_vocab_size(draft)}) differs from the target's ({vocab}): "
+        if vocab_size(draft) != vocab:
+            raise ValueError(f"the draft's vocabulary ({vocab_size(draft)}) differs from the target's ({vocab}): "
                              "the models must share one tokenizer")
-        draft_limit = _context_length(draft)
+        draft_limit = context_length(draft)
         if draft_limit is not None and len(prompt) + max_new_tokens > draft_limit:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"draft's context of {draft_limit} tokens")

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .config import OuroborosConfig
-from .generation import DRAFT_METHODS, METHODS, _context_length, _vocab_size, generate
+from .generation import DRAFT_METHODS, METHODS, context_length, vocab_size, generate
 from .pool import PhrasePool
 from .runner import check_tree_attention
 
@@ -492,10 +492,10 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
                     save_interval=pool_save_interval)
-    limits = [_context_length(m) for m in ([target, draft] if method in DRAFT_METHODS else [target])]
+    limits = [context_length(m) for m in ([target, draft] if method in DRAFT_METHODS else [target])]
     limits = [limit for limit in limits if limit is not None]
     settings = _Settings(name, api_key.encode() if api_key is not None else None, max_body_bytes,
-                         default_max_tokens, min(limits) if limits else None, _vocab_size(target), int(time.time()))
+                         default_max_tokens, min(limits) if limits else None, vocab_size(target), int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
