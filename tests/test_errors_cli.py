@@ -110,6 +110,7 @@ def test_cli_generate_streams_text_and_prints_a_summary(tmp_path, capsys):
     (["generate", "--target", "/nonexistent/t", "hi"], "give both"),
     (["generate", "--dtype", "float8", "--target", "/a", "--draft", "/b", "hi"], "dtype"),
     (["generate", "   "], "prompt is empty"),
+    (["generate", "--temperature", "-1", "--target", "/a", "--draft", "/b", "hi"], "temperature"),
 ])
 def test_cli_errors_name_the_problem(argv, message, capsys):
     assert main(argv) == 2

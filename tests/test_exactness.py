@@ -97,8 +97,9 @@ def test_every_acceptance_path_is_exercised(models):
         ids = prompt(seed)
         ref = reference(target, ids, 60)
         pool = PhrasePool(level=3, capacity=4)
-        pool.insert_ngrams(ref[0].tolist()[::2])  # wrong phrases
         pool.insert_ngrams(ref[0, : ids.shape[1] + 30].tolist())  # right phrases for the first half
+        for key in range(VOCAB):  # then a wrong phrase for every key, newest, so it is tried first
+            pool.insert(key, [(key + 1) % VOCAB, (key + 2) % VOCAB])
         out = generate(target, ids, draft=draft, max_new_tokens=60, eos_token_id=[], config=config, pool=pool)
         assert torch.equal(out.sequences, ref)
         events.update(out.stats.events)

@@ -48,12 +48,13 @@ def apply_threads(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from .generation import generate
+    from .generation import generate, make_verifier
     from .loading import load_pair
 
     config = config_from_args(args)
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
+    make_verifier(args.temperature > 0, args.temperature, args.top_k, args.top_p, args.min_p, args.seed, None)
     apply_threads(args)
     target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
     if args.chat and tokenizer.chat_template:
@@ -64,7 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     input_ids = tokenizer(text, return_tensors="pt").input_ids.to(target.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = generate(target, input_ids, draft=draft, method=args.method, max_new_tokens=args.max_new_tokens,
-                   config=config, streamer=streamer)
+                   config=config, streamer=streamer, do_sample=args.temperature > 0, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
     s = out.stats
     print(f"\n[{args.method}] {s.new_tokens} tokens in {s.wall_time:.2f} s: {s.tokens_per_second:.2f} tokens/s, "
           f"{s.mean_accepted:.2f} tokens per target forward ({s.target_forwards} target, "
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                      help="wrap the prompt in the target's chat template (default: on)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="min-p sampling threshold (0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     add_model_arguments(gen)
     add_config_arguments(gen)
     gen.set_defaults(func=cmd_generate)

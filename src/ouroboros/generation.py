@@ -86,7 +86,7 @@ def generate(
     """
     config = OuroborosConfig() if config is None else config
     prompt = _validate(target, input_ids, draft, method, max_new_tokens, config, pool)
-    verify = _make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator)
+    verify = make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator)
     eos = _eos_ids(target, eos_token_id)
     stats = GenerationStats()
     start = time.perf_counter()
@@ -144,7 +144,7 @@ def _make_proposer(method: str, draft, prompt: list[int], config: OuroborosConfi
                               context_phrases=config.context_phrases)
 
 
-def _make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator):
+def make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator):
     """Validate the sampling settings; return the verification rule (greedy or a Sampler)."""
     def number(name, value, low, high, low_open=False):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
