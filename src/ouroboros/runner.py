@@ -123,9 +123,9 @@ class ModelRunner:
     def _additive_mask(self, allowed: torch.Tensor, past: int) -> torch.Tensor:
         """[1, 1, q, past + q] mask in the model's dtype: 0 where visible, dtype-min elsewhere."""
         q = allowed.shape[0]
-        mask = torch.zeros(q, past + q, dtype=self.dtype)
-        mask[:, past:].masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return mask[None, None].to(self.device)
+        mask = torch.zeros(q, past + q, dtype=self.dtype, device=self.device)
+        mask[:, past:].masked_fill_(~allowed.to(self.device), torch.finfo(self.dtype).min)
+        return mask[None, None]
 
     def keep(self, path: Sequence[int]) -> None:
         """After `forward`: keep the pending tokens and the accepted tree nodes `path`, drop the rest."""
