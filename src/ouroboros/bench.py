@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import gzip
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -244,13 +243,6 @@ def resolve_methods(args: argparse.Namespace) -> list[Method]:
         names = list(DEFAULT_METHODS)
     names = [BASELINE] + [name for name in dict.fromkeys(names) if name != BASELINE]
     return [METHODS[name] for name in names]
-
-
-def sampling_supported() -> bool:
-    from .generation import generate
-
-    parameters = inspect.signature(generate).parameters
-    return all(name in parameters for name in ("do_sample", "temperature", "top_p", "seed"))
 
 
 def _hf_kwargs(bench: Bench, method: Method, max_new_tokens: int, temperature: float) -> dict:
@@ -631,8 +623,6 @@ def check_numbers(args: argparse.Namespace) -> list[float]:
         raise ValueError(f"--temperature lists a value twice: {temperatures}")
     if not (0 < args.top_p <= 1):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if any(t > 0 for t in temperatures) and not sampling_supported():
-        raise ValueError("--temperature > 0 needs sampling in ouroboros.generate, which this build lacks")
     return temperatures
 
 
@@ -647,8 +637,9 @@ def eos_and_pad(target, tokenizer) -> tuple[list[int], int]:
 
 def check_lengths(bench: Bench, questions: list[Question]) -> None:
     """Fail before the run, naming the question, if a first turn cannot fit the target's context."""
-    text_config = bench.target.config.get_text_config(decoder=True)
-    limit = getattr(text_config, "max_position_embeddings", None)
+    from .generation import context_length
+
+    limit = context_length(bench.target)
     if limit is None:
         return
     for question in questions:

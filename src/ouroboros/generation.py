@@ -15,7 +15,7 @@ from .config import OuroborosConfig
 from .pool import PhrasePool
 from .proposers import (Context, DraftModelProposer, LookaheadProposer, PromptLookupProposer, Proposer,
                         decode_step)
-from .runner import ModelRunner, check_tree_attention
+from .runner import ModelRunner, check_tree_attention, text_config
 
 METHODS = ("vanilla", "speculative", "lookahead", "prompt_lookup", "ouroboros")
 DRAFT_METHODS = ("speculative", "ouroboros")
@@ -197,13 +197,11 @@ def _eos_ids(target, eos_token_id) -> set[int]:
 
 
 def vocab_size(model) -> int:
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return int(config.vocab_size)
+    return int(text_config(model).vocab_size)
 
 
 def context_length(model) -> int | None:
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def _validate(target, input_ids, draft, method, max_new_tokens, config, pool) -> list[int]:

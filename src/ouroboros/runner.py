@@ -31,6 +31,12 @@ def _cache_argument(model) -> str:
     raise UnsupportedModelError(f"{type(model).__name__}.forward takes no KV cache argument")
 
 
+def text_config(model):
+    """The decoder's config (multimodal models nest it), where vocab size and context live."""
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def check_tree_attention(model) -> None:
     """Fail early, naming the class, if `model` cannot verify a tree.
 
@@ -48,11 +54,11 @@ def check_tree_attention(model) -> None:
         raise UnsupportedModelError(
             f"{name} uses attn_implementation={impl!r}, which ignores a custom 4-D mask; "
             "load it with attn_implementation='sdpa' or 'eager'")
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if "sliding_attention" in (getattr(text_config, "layer_types", None) or ()) or getattr(
-            text_config, "use_sliding_window", False):
+    decoder = text_config(model)
+    if "sliding_attention" in (getattr(decoder, "layer_types", None) or ()) or getattr(
+            decoder, "use_sliding_window", False):
         raise UnsupportedModelError(f"{name} uses sliding-window attention, which tree verification does not support")
-    vocab = int(text_config.vocab_size)
+    vocab = int(decoder.vocab_size)
     a, b, c = 1 % vocab, 2 % vocab, 3 % vocab
     try:
         with torch.inference_mode():
