@@ -222,3 +222,36 @@ def test_first_divergence_reports_the_logit_gap():
     assert record["vanilla_minus_method_logit"] == pytest.approx(float(logits[9] - logits[11]), abs=1e-5)
     record = first_divergence(bench, vanilla, answer("ouroboros", [7, 8, 9]), greedy=False)
     assert record == {"turn": 0, "index": 3, "vanilla_token": 10, "method_token": None}
+
+
+def test_interrupted_run_keeps_completed_prompts(pair, questions, tmp_path, capsys, monkeypatch):
+    """A SIGTERM mid-run (as `kill` sends to a background bench) drops the prompt in progress and
+    still writes results, the chart and the table for the prompts every method completed."""
+    import os
+    import signal
+
+    import ouroboros.bench as bench_module
+
+    real_run_question = bench_module.run_question
+    calls = []
+
+    def run_question(bench_, method, question, **kwargs):
+        calls.append((question.question_id, method.name))
+        if question.question_id == 2 and method.name == "speculative":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run_question(bench_, method, question, **kwargs)
+
+    monkeypatch.setattr(bench_module, "run_question", run_question)
+    out = tmp_path / "out"
+    code = bench(pair, "--questions", str(questions), "--methods", "hf_vanilla,speculative,ouroboros",
+                 "--out", str(out))
+    assert code == 130
+    assert calls[-1] == (2, "speculative")
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    run = results["runs"][0]
+    assert run["interrupted"] is True and run["completed_prompts"] == 1
+    assert [q["question_id"] for q in run["questions"]] == [1]
+    assert run["overall"]["hf_vanilla"]["questions"] == 1
+    assert (out / "speedup.png").stat().st_size > 0
+    assert "interrupted; figures cover the 1 completed prompts" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler

@@ -11,6 +11,7 @@ generation_config defaults cannot change what "greedy" means.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import importlib.util
@@ -19,7 +20,9 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -405,19 +408,24 @@ def answer_record(question: Question, answer: Answer, model_id: str) -> dict:
 
 
 def run_comparison(bench: Bench, questions: list[Question], methods: list[Method], temperature: float,
-                   answer_paths: dict[str, Path], model_id: str) -> list[dict]:
+                   answer_paths: dict[str, Path], model_id: str) -> tuple[list[dict], bool]:
     """For each prompt every method in turn (interleaved); answer lines written as they come.
-    Returns one record per question: the answers and how each compares with vanilla."""
+
+    Returns one record per completed question (the answers and how each compares with vanilla) and
+    whether the run was interrupted (Ctrl-C or SIGTERM): then the prompt in progress is dropped, so
+    that every figure still compares all methods on the same prompts."""
     from tqdm.auto import tqdm
 
     greedy = temperature == 0
     warm_pool = PhrasePool(bench.config.level, bench.config.pool_size)
-    warm_up(bench, methods, questions[0], temperature)
     records = []
     files = {name: open(path, "w", encoding="utf-8") for name, path in answer_paths.items()}
     try:
+        warm_up(bench, methods, questions[0], temperature)
         bar = tqdm(questions, desc=f"temperature {temperature:g}", unit="prompt")
         for index, question in enumerate(bar):
+            if STOP.is_set():
+                break
             answers = {}
             for method in methods:
                 bar.set_postfix_str(method.name)
@@ -431,10 +439,12 @@ def run_comparison(bench: Bench, questions: list[Question], methods: list[Method
                 divergences = {name: first_divergence(bench, answers[BASELINE], answer, greedy)
                                for name, answer in answers.items() if name != BASELINE}
             records.append({"question": question, "answers": answers, "divergences": divergences})
+    except KeyboardInterrupt:
+        STOP.set()
     finally:
         for handle in files.values():
             handle.close()
-    return records
+    return records, STOP.is_set()
 
 
 # ---------------------------------------------------------------- figures
@@ -675,13 +685,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     (out / "answers").mkdir(parents=True, exist_ok=True)
 
     runs, answer_files = [], {}
-    for temperature in temperatures:
-        paths = {m.name: out / "answers" / f"{m.name}-temp-{temperature:g}.jsonl" for m in methods}
-        records = run_comparison(bench, questions, methods, temperature, paths, model_id)
-        run = aggregate(records, methods, temperature)
-        runs.append(run)
-        answer_files[f"{temperature:g}"] = {name: os.fspath(path) for name, path in paths.items()}
-        print("\n" + format_table(run, len(questions), args.max_new_tokens) + "\n")
+    STOP.clear()
+    with _sigterm_as_interrupt():
+        for temperature in temperatures:
+            if STOP.is_set():
+                break
+            paths = {m.name: out / "answers" / f"{m.name}-temp-{temperature:g}.jsonl" for m in methods}
+            records, interrupted = run_comparison(bench, questions, methods, temperature, paths, model_id)
+            if interrupted:
+                print(f"\nouroboros bench: interrupted; figures cover the {len(records)} completed prompts",
+                      file=sys.stderr)
+            if not records:
+                break
+            run = aggregate(records, methods, temperature)
+            run["completed_prompts"] = len(records)
+            run["interrupted"] = interrupted
+            runs.append(run)
+            answer_files[f"{temperature:g}"] = {name: os.fspath(path) for name, path in paths.items()}
+            print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n")
+    if not runs:
+        print("ouroboros bench: interrupted before the first prompt completed; no results written", file=sys.stderr)
+        return 130
 
     settings = {"dataset": dataset,
                 "questions_file": args.questions, "question_ids": [q.question_id for q in questions],
@@ -699,7 +723,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plot_speedups(out / "speedup.png", runs)
     write_results(out / "results.json", args, settings, runs, files)
     print(f"results: {files['results']}\nchart: {files['chart']}\nanswers: {out / 'answers'}")
-    return 0
+    return 130 if STOP.is_set() else 0
+
+
+STOP = threading.Event()
+"""Set when a run is interrupted: the prompt in progress is dropped and the figures so far are written."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Let `kill` (SIGTERM) stop a long background run the way Ctrl-C does, results kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
