@@ -1,8 +1,9 @@
 """Measure what speculative decoding costs on this machine, to choose OuroborosConfig sizes.
 
 Prints (1) one Linear layer's time for 1..64 rows per dtype and (2) the draft's and target's forward
-time through the engine's runner for k = 1..32 tokens on a 64-token cache. Where k tokens cost about
-one, large trees pay; where they cost about k, keep drafts short and trees lean.
+time through the engine's runner for k = 1..32 tokens on a 64-token cache (`ouroboros.sizing.measure`,
+the same measurement `ouroboros tune` makes). Where k tokens cost about one, large trees pay; where
+they cost about k, keep drafts short and trees lean.
 
     python scripts/forward_costs.py                    # built-in pair, bf16 and fp32
     python scripts/forward_costs.py --target DIR --draft DIR --dtypes bfloat16 --threads 2
@@ -15,8 +16,7 @@ import time
 import torch
 
 from ouroboros.loading import load_pair
-from ouroboros.runner import ModelRunner
-from ouroboros.tree import DraftTree
+from ouroboros.sizing import measure
 
 
 def best_ms(call, repeats: int = 3) -> float:
@@ -37,23 +37,6 @@ def linear_costs(dtypes) -> None:
         print(f"linear 4864x896 {str(dtype):15s} ms by rows: {row}")
 
 
-def forward_cost(model, k: int, cached: int = 64) -> float:
-    runner = ModelRunner(model)
-    prefix = list(range(1000, 1000 + cached))
-
-    def step():
-        tree = DraftTree()
-        tree.add_chain(list(range(2000, 2000 + k - 1)))
-        runner.forward([5], tree)
-        runner.keep([])
-        runner.rewind(prefix)
-
-    with torch.inference_mode():
-        runner.forward(prefix[:-1], DraftTree())
-        runner.keep([])
-        return best_ms(step)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target")
@@ -72,7 +55,8 @@ def main() -> None:
     for name in args.dtypes:
         target, draft, _ = load_pair(args.target, args.draft, dtype=name, progress=False)
         for role, model in (("draft", draft), ("target", target)):
-            costs = {k: forward_cost(model, k) for k in (1, 2, 4, 8, 16, 32)}
+            curve = measure(model, tokens=(1, 2, 4, 8, 16, 32), repeats=3)
+            costs = {k: round(1000 * s, 1) for k, s in curve.seconds.items()}
             print(f"{role:6s} {name:9s} forward ms by tokens: {costs}")
 
 

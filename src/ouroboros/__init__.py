@@ -4,7 +4,8 @@ from .config import OuroborosConfig
 from .generation import METHODS, GenerationOutput, GenerationStats, generate
 from .pool import PhrasePool
 from .runner import UnsupportedModelError
+from .sizing import Sizing, load_config, tune
 
-__all__ = ["METHODS", "GenerationOutput", "GenerationStats", "OuroborosConfig", "PhrasePool",
-           "UnsupportedModelError", "generate"]
+__all__ = ["METHODS", "GenerationOutput", "GenerationStats", "OuroborosConfig", "PhrasePool", "Sizing",
+           "UnsupportedModelError", "generate", "load_config", "tune"]
 __version__ = "0.1.0"

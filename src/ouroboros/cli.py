@@ -1,8 +1,9 @@
-"""The `ouroboros` command: generate (streamed), bench, serve."""
+"""The `ouroboros` command: generate (streamed), tune, bench, serve."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -23,19 +24,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per OuroborosConfig field, e.g. --gamma 6 or --no-lengthen."""
+    """--config FILE plus one --flag per OuroborosConfig field (e.g. --gamma 6 or --no-lengthen);
+    a flag given on the command line wins over the file."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="OuroborosConfig sizes from a JSON file, e.g. written by 'ouroboros tune --out'")
     defaults = OuroborosConfig()
     for name in CONFIG_FIELDS:
         flag = "--" + name.replace("_", "-")
         value = getattr(defaults, name)
         if isinstance(value, bool):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=value)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default {'on' if value else 'off'})")
         else:
-            parser.add_argument(flag, dest=name, type=int, default=value, help=f"(default {value})")
+            parser.add_argument(flag, dest=name, type=int, default=None, help=f"(default {value})")
 
 
 def config_from_args(args: argparse.Namespace) -> OuroborosConfig:
-    return OuroborosConfig(**{name: getattr(args, name) for name in CONFIG_FIELDS})
+    """The --config file's sizes (or the defaults), overridden by the flags given."""
+    from .sizing import load_config
+
+    base = load_config(args.config) if getattr(args, "config", None) else OuroborosConfig()
+    given = {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
+    return dataclasses.replace(base, **given)
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -84,6 +94,30 @@ def add_missing_extra_parser(sub, command: str, extra: str, missing: str) -> Non
     stub.set_defaults(func=explain)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Measure the target's and draft's forward cost over 1-16 tokens on this device and dtype, and
+    the draft's agreement with the target, then print and optionally save the OuroborosConfig sizes a
+    cost model picks (gamma, phrase drafting, window, phrases per step, branches). Use the file with
+    --config in generate, bench and serve."""
+    from .loading import load_pair
+    from .sizing import save_sizing, tune
+
+    base = config_from_args(args)
+    if args.acceptance is not None and not 0 <= args.acceptance < 1:
+        raise ValueError(f"--acceptance must be in [0, 1), got {args.acceptance}")
+    if args.slack < 1:
+        raise ValueError(f"--slack must be >= 1, got {args.slack}")
+    apply_threads(args)
+    target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    print(f"measuring on {args.device}, {args.dtype}, {torch.get_num_threads()} threads ...", file=sys.stderr)
+    sizing = tune(target, draft, tokenizer, acceptance=args.acceptance, slack=args.slack, base=base)
+    print(sizing.report())
+    if args.out:
+        save_sizing(sizing, args.out)
+        print(f"saved: {args.out} (use it with --config {args.out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
@@ -105,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
+    tune = sub.add_parser("tune", help="measure forward costs on this device and choose OuroborosConfig sizes",
+                          description=cmd_tune.__doc__)
+    tune.add_argument("--acceptance", type=float, default=None,
+                      help="the draft's per-token acceptance (default: measured on a built-in sample text)")
+    tune.add_argument("--slack", type=float, default=1.25,
+                      help="a forward over k tokens counts as free up to this multiple of a one-token forward")
+    tune.add_argument("--out", metavar="FILE", help="write the sizing (config, costs, prediction) as JSON here")
+    add_model_arguments(tune)
+    add_config_arguments(tune)
+    tune.set_defaults(func=cmd_tune)
+
     add_bench_parser(sub)
     try:
         from .server import add_serve_parser
@@ -120,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"ouroboros {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
