@@ -14,7 +14,8 @@ class OuroborosConfig:
     token: so drafts stay short, the draft model runs no Jacobi window (window=1) and checks one pool
     phrase, and the target verifies one branch. Where extra tokens in a forward are nearly free (GPUs,
     AVX-512-bf16/AMX CPUs) larger windows, levels and branch counts pay off: e.g. gamma=6, window=4,
-    step_phrases=4, branches=4.
+    step_phrases=4, branches=4. `ouroboros tune` (`ouroboros.tune`) measures the device in use and
+    chooses these sizes from its costs.
     """
 
     gamma: int = 3
