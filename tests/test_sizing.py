@@ -48,6 +48,18 @@ def test_costly_extra_tokens_give_short_token_drafts_and_an_honest_prediction():
     assert config.gamma == 1 and not config.phrase_drafting and config.branches == 0
     assert sizing.predicted["speculative"] < 1.05 and sizing.predicted["ouroboros"] < 1.05
     assert "no draft size is predicted to beat plain decoding" in sizing.report()
+    assert "a target forward over 4 tokens costs 2.7x" in sizing.verdict()
+
+
+def test_a_draft_as_slow_as_the_target_is_named_as_the_reason():
+    """Measured on an H200 with the pair's shapes in bf16 (scripts/cuda_sizing.py): eager forwards are
+    launch-bound, so extra tokens are free but the 0.5B draft costs 0.85 of the 1.5B target."""
+    target = CostCurve({1: 0.020, 2: 0.020, 4: 0.020, 8: 0.020, 16: 0.021, 32: 0.020, 64: 0.022})
+    draft = CostCurve({1: 0.017, 2: 0.017, 4: 0.017, 8: 0.018, 16: 0.018, 32: 0.018, 64: 0.019})
+    sizing = choose(target, draft, acceptance=0.9)
+    assert sizing.config.phrase_drafting and sizing.config.branches > 0
+    verdict = sizing.verdict()
+    assert "draft forward costs 0.85 of a target forward" in verdict and "4 tokens" not in verdict
 
 
 def test_free_extra_tokens_give_phrase_drafting_and_branches():
@@ -58,7 +70,7 @@ def test_free_extra_tokens_give_phrase_drafting_and_branches():
     assert draft_step_tokens(config.window, config.level, config.step_phrases) <= AVX512_DRAFT.free_tokens(1.25)
     assert 1 + config.gamma + config.branches * (config.level - 1) <= AVX512_TARGET.free_tokens(1.25)
     assert sizing.predicted["speculative"] > 1.5 and sizing.predicted["ouroboros"] > 1.3
-    assert "no draft size" not in sizing.report()
+    assert "no draft size" not in sizing.report() and sizing.verdict() is None
 
 
 def test_linear_costs_never_predict_a_speedup():

@@ -102,10 +102,23 @@ class Sizing:
                      + ", ".join(f"{k} {v:.2f}x" for k, v in self.predicted.items())
                      + (" (a floor for ouroboros: phrase and branch hits are not credited)"
                         if "ouroboros" in self.predicted else ""))
-        if max(self.predicted.values(), default=0) < 1.05:
-            lines.append("on this device a forward over a few tokens costs about as much as that many "
-                         "single-token forwards, so no draft size is predicted to beat plain decoding")
+        verdict = self.verdict()
+        if verdict:
+            lines.append(verdict)
         return "\n".join(lines)
+
+    def verdict(self) -> str | None:
+        """Why nothing is predicted to pay, when nothing is; None otherwise."""
+        if max(self.predicted.values(), default=0) >= 1.05:
+            return None
+        reasons = []
+        if self.target.free_tokens(self.slack) < 4:
+            reasons.append(f"a target forward over 4 tokens costs {self.target.at(4) / self.target.at(1):.1f}x "
+                           "one over 1 token")
+        if self.draft is not None and self.draft.at(1) > 0.3 * self.target.at(1):
+            reasons.append(f"a draft forward costs {self.draft.at(1) / self.target.at(1):.2f} of a target forward")
+        return ("no draft size is predicted to beat plain decoding on this device"
+                + (": " + " and ".join(reasons) if reasons else ""))
 
 
 def expected_tokens(p: float, gamma: int) -> float:
