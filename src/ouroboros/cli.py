@@ -97,8 +97,9 @@ def add_missing_extra_parser(sub, command: str, extra: str, missing: str) -> Non
 def cmd_tune(args: argparse.Namespace) -> int:
     """Measure the target's and draft's forward cost over 1-16 tokens on this device and dtype, and
     the draft's agreement with the target, then print and optionally save the OuroborosConfig sizes a
-    cost model picks (gamma, phrase drafting, window, phrases per step, branches). Use the file with
-    --config in generate, bench and serve."""
+    cost model picks (gamma, phrase drafting, window, phrases per step, branches); level, pool size
+    and the switches come from the config flags as given. Use the file with --config in generate,
+    bench and serve."""
     from .loading import load_pair
     from .sizing import save_sizing, tune
 
