@@ -33,6 +33,9 @@ def test_cost_curve_interpolates_and_extrapolates():
     assert curve.at(12) == pytest.approx(3.5)  # the last segment's slope, continued
     assert curve.free_tokens(1.5) == 2 and curve.free_tokens(1.0) == 1 and curve.free_tokens(3.0) == 8
     assert CostCurve({1: 2.0}).at(3) == pytest.approx(6.0)
+    for bad in ({}, {0: 1.0}, {1: 0.0}):
+        with pytest.raises(ValueError, match="cost curve"):
+            CostCurve(bad)
 
 
 def test_expected_tokens_and_step_size():

@@ -52,6 +52,10 @@ class CostCurve:
 
     seconds: dict[int, float]
 
+    def __post_init__(self) -> None:
+        if not self.seconds or any(k < 1 or not s > 0 for k, s in self.seconds.items()):
+            raise ValueError(f"a cost curve needs positive seconds for token counts >= 1, got {self.seconds}")
+
     def at(self, k: int) -> float:
         """Piecewise-linear between measured points; beyond them, linear in k from the nearest."""
         points = sorted(self.seconds.items())
