@@ -424,8 +424,6 @@ def run_comparison(bench: Bench, questions: list[Question], methods: list[Method
         warm_up(bench, methods, questions[0], temperature)
         bar = tqdm(questions, desc=f"temperature {temperature:g}", unit="prompt")
         for index, question in enumerate(bar):
-            if STOP.is_set():
-                break
             answers = {}
             for method in methods:
                 bar.set_postfix_str(method.name)
@@ -440,11 +438,11 @@ def run_comparison(bench: Bench, questions: list[Question], methods: list[Method
                                for name, answer in answers.items() if name != BASELINE}
             records.append({"question": question, "answers": answers, "divergences": divergences})
     except KeyboardInterrupt:
-        STOP.set()
+        return records, True
     finally:
         for handle in files.values():
             handle.close()
-    return records, STOP.is_set()
+    return records, False
 
 
 # ---------------------------------------------------------------- figures
@@ -684,25 +682,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "answers").mkdir(parents=True, exist_ok=True)
 
-    runs, answer_files = [], {}
-    STOP.clear()
+    runs, answer_files, interrupted = [], {}, False
     with _sigterm_as_interrupt():
         for temperature in temperatures:
-            if STOP.is_set():
-                break
             paths = {m.name: out / "answers" / f"{m.name}-temp-{temperature:g}.jsonl" for m in methods}
             records, interrupted = run_comparison(bench, questions, methods, temperature, paths, model_id)
             if interrupted:
                 print(f"\nouroboros bench: interrupted; figures cover the {len(records)} completed prompts",
                       file=sys.stderr)
-            if not records:
+            if records:
+                run = aggregate(records, methods, temperature)
+                run["completed_prompts"] = len(records)
+                run["interrupted"] = interrupted
+                runs.append(run)
+                answer_files[f"{temperature:g}"] = {name: os.fspath(path) for name, path in paths.items()}
+                print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n")
+            if interrupted:
                 break
-            run = aggregate(records, methods, temperature)
-            run["completed_prompts"] = len(records)
-            run["interrupted"] = interrupted
-            runs.append(run)
-            answer_files[f"{temperature:g}"] = {name: os.fspath(path) for name, path in paths.items()}
-            print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n")
     if not runs:
         print("ouroboros bench: interrupted before the first prompt completed; no results written", file=sys.stderr)
         return 130
@@ -723,11 +719,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plot_speedups(out / "speedup.png", runs)
     write_results(out / "results.json", args, settings, runs, files)
     print(f"results: {files['results']}\nchart: {files['chart']}\nanswers: {out / 'answers'}")
-    return 130 if STOP.is_set() else 0
-
-
-STOP = threading.Event()
-"""Set when a run is interrupted: the prompt in progress is dropped and the figures so far are written."""
+    return 130 if interrupted else 0
 
 
 @contextlib.contextmanager

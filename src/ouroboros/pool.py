@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+
+from .files import write_json_atomically
 
 Phrase = tuple[int, ...]
 
@@ -93,18 +93,8 @@ class PhrasePool:
 
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> None:
         """Write the pool as JSON atomically: a crash leaves the old file or the new one, never half."""
-        path = Path(path)
         payload = {"format": "ouroboros-phrase-pool/1", "metadata": metadata or {}, **self.state_dict()}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomically(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> tuple[PhrasePool, dict]:

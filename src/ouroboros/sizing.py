@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .config import OuroborosConfig
+from .files import write_json_atomically
 from .runner import ModelRunner, text_config
 from .tree import DraftTree
 
@@ -68,6 +69,9 @@ class CostCurve:
         (k0, s0), (k1, s1) = points[-2:]
         return s1 + (s1 - s0) * (k - k1) / (k1 - k0)
 
+    def to_dict(self) -> dict[str, float]:
+        return {str(k): s for k, s in sorted(self.seconds.items())}
+
     def free_tokens(self, slack: float) -> int:
         """The most tokens (up to the largest measured) one forward takes for at most `slack` x one token."""
         limit = slack * self.at(1)
@@ -86,10 +90,9 @@ class Sizing:
     predicted: dict[str, float]
 
     def to_dict(self) -> dict:
-        curve = lambda c: None if c is None else {str(k): v for k, v in sorted(c.seconds.items())}  # noqa: E731
         return {"format": FORMAT, "config": self.config.to_dict(), "acceptance": self.acceptance,
-                "slack": self.slack, "forward_seconds": {"target": curve(self.target), "draft": curve(self.draft)},
-                "predicted_speedup": self.predicted}
+                "slack": self.slack, "predicted_speedup": self.predicted,
+                "forward_seconds": {"target": self.target.to_dict(), "draft": self.draft and self.draft.to_dict()}}
 
     def report(self) -> str:
         """A few lines for the terminal: costs, the chosen sizes, the prediction."""
@@ -247,11 +250,8 @@ def load_config(path: str | os.PathLike) -> OuroborosConfig:
 
 
 def save_sizing(sizing: Sizing, path: str | os.PathLike) -> None:
-    """Write the sizing JSON atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(sizing.to_dict(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write the sizing JSON atomically."""
+    write_json_atomically(path, sizing.to_dict(), indent=1)
 
 
 __all__ = ["CostCurve", "Sizing", "choose", "draft_agreement", "expected_tokens", "load_config", "measure",
