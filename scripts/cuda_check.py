@@ -5,9 +5,9 @@ import sys
 
 import torch
 import transformers
+from tiny_models import perturbed, tiny_model
 
 from ouroboros import METHODS, generate
-from tiny_models import perturbed, tiny_model
 
 
 def main() -> int:

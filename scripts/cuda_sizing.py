@@ -7,11 +7,11 @@ agrees with its target on ~94% of HumanEval tokens); the costs do not depend on 
 
 import torch
 import transformers
+from tiny_models import perturbed, tiny_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ouroboros import OuroborosConfig, generate
 from ouroboros.sizing import choose, measure
-from tiny_models import perturbed, tiny_model
 
 SHAPES = {  # Qwen2.5-Coder-1.5B / -0.5B
     "target": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from ouroboros.bench import (ABLATION_METHODS, DEFAULT_METHODS, Question, cut_at_eos,
-                             select_questions)
-from ouroboros.cli import main
 from tiny_models import save_tiny_pair
+
+from ouroboros.bench import ABLATION_METHODS, DEFAULT_METHODS, Question, cut_at_eos, select_questions
+from ouroboros.cli import main
 
 ENGINE_METHODS = ("speculative", "lookahead", "prompt_lookup", "ouroboros", "ouroboros_warm")
 HF_METHODS = ("hf_vanilla", "hf_assisted", "hf_prompt_lookup")
@@ -198,17 +197,17 @@ def test_cut_at_eos():
 
 def test_first_divergence_reports_the_logit_gap():
     import torch
+    from tiny_models import tiny_model
 
     from ouroboros import OuroborosConfig
-    from ouroboros.bench import METHODS, Answer, Bench, Turn, first_divergence
-    from tiny_models import tiny_model
+    from ouroboros.bench import Answer, Bench, Turn, contestants, first_divergence
 
     target = tiny_model(vocab=50)
     bench = Bench(target, None, None, [0], 0, False, 8, OuroborosConfig(), 1.0, 0, "cpu")
     prompt = [3, 4, 5]
 
     def answer(name, tokens):
-        return Answer(METHODS[name], [Turn(prompt, tokens, "", 1.0, len(tokens), 0, None)])
+        return Answer(contestants()[name], [Turn(prompt, tokens, "", 1.0, len(tokens), 0, None)])
 
     vanilla = answer("hf_vanilla", [7, 8, 9, 10])
     assert first_divergence(bench, vanilla, answer("ouroboros", [7, 8, 9, 10]), greedy=True) is None

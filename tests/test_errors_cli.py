@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import save_tiny_pair, tiny_model, tiny_tokenizer
 
 from ouroboros import OuroborosConfig, PhrasePool, UnsupportedModelError, generate
 from ouroboros.cli import main
 from ouroboros.loading import check_same_tokenizer
-from tiny_models import save_tiny_pair, tiny_model, tiny_tokenizer
 
 IDS = torch.tensor([[1, 2, 3]])
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_models import perturbed, tiny_model
 
 from ouroboros import METHODS, OuroborosConfig, PhrasePool, generate
-from tiny_models import perturbed, tiny_model
 
 VOCAB = 61
 

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from ouroboros import OuroborosConfig, PhrasePool
-from ouroboros.acceptance import StepResult, greedy_verify
-from ouroboros.proposers import DraftModelProposer, Proposer
+from ouroboros.acceptance import greedy_verify
 from ouroboros.runner import ModelRunner
 from ouroboros.tree import ROOT, DraftTree
 from ouroboros.window import JacobiWindow
-from tiny_models import tiny_model
 
 
 def test_pool_insert_refresh_evict_lookup():
@@ -156,45 +155,3 @@ def test_greedy_walk_accepts_the_longest_matching_path():
     logits[2, 11] = 1.0  # the target disagrees after 6: correction 11
     result = greedy_verify(tree, logits)
     assert result.emitted == [5, 6, 11] and result.path == [0, 1]
-
-
-def make_learner(level=3):
-    pool = PhrasePool(level=level, capacity=4)
-    proposer = DraftModelProposer(runner=None, drafter=Proposer(), pool=pool,
-                                  config=OuroborosConfig(level=level, pool_size=4),
-                                  lengthen=True, harvest=True, context_phrases=False)
-    return proposer, pool
-
-
-def test_harvest_from_a_rejected_tail():
-    """Trunk a b c d e; the target rejects from b. Its argmax over the tail (b c d e) is (c d X Y):
-    from b: t = c (draft agreed: next drafted is c), d -> phrase pool[b] = (c, d); from c: (d, X)
-    since the draft had d after c; from d: X != e stops the run."""
-    proposer, pool = make_learner()
-    a, b, c, d, e, x, y, z = range(1, 9)
-    tree = DraftTree()
-    proposer._trunk = tree.add_chain([a, b, c, d, e])
-    proposer._tried = []
-    argmax = [a, z, c, d, x, y]  # root, then nodes a..e: rejects b (wanted z)
-    result = StepResult(emitted=[a, z], path=[0], argmax=argmax)
-    proposer.learn(None, tree, result)
-    assert pool.lookup(b, 4) == [(c, d)]
-    assert pool.lookup(c, 4) == [(d, x)]
-    assert pool.lookup(d, 4) == [] and pool.lookup(e, 4) == []
-
-
-def test_tried_branches_are_replaced_by_the_targets_correction():
-    proposer, pool = make_learner()
-    pool.insert(7, (1, 2))
-    pool.insert(7, (3, 4))
-    tree = DraftTree()
-    proposer._trunk = tree.add_chain([6, 7])
-    proposer._tried = [((3, 4), tree.add_chain([3, 4], parent=1)), ((1, 2), tree.add_chain([1, 2], parent=1))]
-    # argmax rows: root, 6, 7 (bonus 3), branch nodes 3 -> 5, 4 -> 0, 1 -> 0, 2 -> 0
-    argmax = [6, 7, 3, 5, 0, 0, 0]
-    result = StepResult(emitted=[6, 7, 3, 5], path=[0, 1, 2], argmax=argmax)
-    proposer.learn(None, tree, result)
-    assert (7, (3, 5)) in pool  # (bonus, argmax after 3)
-    assert (7, (3, 0)) in pool  # (bonus, argmax after 1)
-    assert (7, (1, 2)) not in pool and (7, (3, 4)) not in pool
-    assert proposer.events["branch_accepted"] == 1

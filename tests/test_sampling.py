@@ -11,11 +11,11 @@ from collections import Counter
 
 import pytest
 import torch
+from tiny_models import perturbed, tiny_model
 
 import ouroboros.generation as generation
 from ouroboros import METHODS, OuroborosConfig, PhrasePool, generate
 from ouroboros.acceptance import Sampler, _walk
-from tiny_models import perturbed, tiny_model
 
 VOCAB, NEW, DRAWS, ALPHA = 12, 3, 800, 1e-3
 PROMPT = torch.tensor([[1, 2, 3, 1, 2]])

@@ -21,12 +21,11 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 import torch  # noqa: E402
+from tiny_models import perturbed, save_tiny_pair, tiny_model, tiny_tokenizer  # noqa: E402
 
 from ouroboros import PhrasePool  # noqa: E402
 from ouroboros.cli import main as cli_main  # noqa: E402
 from ouroboros.server import SAMPLING_SUPPORTED, TextTracker, create_app, tokenizer_fingerprint  # noqa: E402
-
-from tiny_models import perturbed, save_tiny_pair, tiny_model, tiny_tokenizer  # noqa: E402
 
 MODEL = "tiny"
 TOKENIZER = tiny_tokenizer()

@@ -4,13 +4,22 @@ import json
 
 import pytest
 import torch
+from tiny_models import save_tiny_pair
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ouroboros import OuroborosConfig
 from ouroboros.cli import main
-from ouroboros.sizing import (CostCurve, choose, draft_agreement, draft_step_tokens, expected_tokens,
-                              load_config, measure, save_sizing, tune)
-from tiny_models import save_tiny_pair
+from ouroboros.sizing import (
+    CostCurve,
+    choose,
+    draft_agreement,
+    draft_step_tokens,
+    expected_tokens,
+    load_config,
+    measure,
+    save_sizing,
+    tune,
+)
 
 # Measured on the development machine (2-core AVX2, bf16, seconds): extra tokens cost nearly in full.
 AVX2_BF16_TARGET = CostCurve({1: 0.280, 2: 0.433, 4: 0.748, 8: 1.462, 16: 2.712})

@@ -1,11 +1,18 @@
 """ouroboros-decoding: lossless phrase-level speculative decoding for Hugging Face causal LMs."""
 
 from .config import OuroborosConfig
-from .generation import METHODS, GenerationOutput, GenerationStats, generate
+from .errors import (
+           ConfigError,
+           InvalidArgumentError,
+           OuroborosError,
+           UnsupportedModelError,
+)
+from .generation import GenerationOutput, GenerationStats, generate
+from .methods import METHODS, Method, register
 from .pool import PhrasePool
-from .runner import UnsupportedModelError
 from .sizing import Sizing, load_config, tune
 
-__all__ = ["METHODS", "GenerationOutput", "GenerationStats", "OuroborosConfig", "PhrasePool", "Sizing",
-           "UnsupportedModelError", "generate", "load_config", "tune"]
+__all__ = ["METHODS", "ConfigError", "GenerationOutput", "GenerationStats", "InvalidArgumentError", "Method",
+           "OuroborosConfig", "OuroborosError", "PhrasePool", "Sizing", "UnsupportedModelError", "generate",
+           "load_config", "register", "tune"]
 __version__ = "0.1.0"

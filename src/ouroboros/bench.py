@@ -58,17 +58,23 @@ class Method:
     """An OuroborosConfig switch turned off (ablation)."""
 
 
-def _method_table() -> dict[str, Method]:
+def engine_methods() -> list[str]:
+    """This engine's methods: every entry of the method registry."""
+    from .methods import METHODS as REGISTERED
+
+    return list(REGISTERED)
+
+
+def contestants() -> dict[str, Method]:
+    """HF's generate modes, every registered engine method, the warm-pool and ablation variants."""
     table = [Method("hf_vanilla", hf="greedy"), Method("hf_assisted", hf="assisted"),
-             Method("hf_prompt_lookup", hf="prompt_lookup"), Method("speculative", engine="speculative"),
-             Method("lookahead", engine="lookahead"), Method("prompt_lookup", engine="prompt_lookup"),
-             Method("ouroboros", engine="ouroboros"), Method("ouroboros_warm", engine="ouroboros", warm=True),
-             Method("vanilla", engine="vanilla")]
+             Method("hf_prompt_lookup", hf="prompt_lookup")]
+    table += [Method(name, engine=name) for name in engine_methods()]
+    table += [Method("ouroboros_warm", engine="ouroboros", warm=True)]
     table += [Method(f"ouroboros_no_{switch}", engine="ouroboros", disable=switch) for switch in ABLATION_SWITCHES]
     return {method.name: method for method in table}
 
 
-METHODS = _method_table()
 DEFAULT_METHODS = ("hf_vanilla", "hf_assisted", "hf_prompt_lookup", "speculative", "lookahead", "prompt_lookup",
                    "ouroboros", "ouroboros_warm")
 ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES)
@@ -233,19 +239,20 @@ def prompt_ids(bench: Bench, question: Question, replies: list[str]) -> list[int
 
 def resolve_methods(args: argparse.Namespace) -> list[Method]:
     """The methods to run, the hf_vanilla baseline always first."""
+    table = contestants()
     if args.ablation and args.methods:
         raise ValueError("give --methods or --ablation, not both")
     if args.ablation:
         names = list(ABLATION_METHODS)
     elif args.methods:
         names = [name.strip() for name in args.methods.split(",") if name.strip()]
-        unknown = [name for name in names if name not in METHODS]
+        unknown = [name for name in names if name not in table]
         if unknown:
-            raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(table)}")
     else:
         names = list(DEFAULT_METHODS)
     names = [BASELINE] + [name for name in dict.fromkeys(names) if name != BASELINE]
-    return [METHODS[name] for name in names]
+    return [table[name] for name in names]
 
 
 def _hf_kwargs(bench: Bench, method: Method, max_new_tokens: int, temperature: float) -> dict:
@@ -645,7 +652,7 @@ def eos_and_pad(target, tokenizer) -> tuple[list[int], int]:
 
 def check_lengths(bench: Bench, questions: list[Question]) -> None:
     """Fail before the run, naming the question, if a first turn cannot fit the target's context."""
-    from .generation import context_length
+    from .model_facts import context_length
 
     limit = context_length(bench.target)
     if limit is None:
@@ -658,7 +665,7 @@ def check_lengths(bench: Bench, questions: list[Question]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import apply_threads, config_from_args
+    from .arguments import apply_threads, config_from_args
     from .loading import load_pair
 
     config = config_from_args(args)
@@ -737,7 +744,7 @@ def _sigterm_as_interrupt():
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """The `bench` sub-command."""
-    from .cli import add_config_arguments, add_model_arguments
+    from .arguments import add_config_arguments, add_model_arguments
 
     parser = subparsers.add_parser(
         "bench", help="compare methods side by side on HumanEval or Spec-Bench questions",
@@ -756,7 +763,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                                                                   "(default: the first only)")
     run = parser.add_argument_group("run")
     run.add_argument("--methods", help=f"comma list (default: {','.join(DEFAULT_METHODS)}); "
-                                       f"hf_vanilla, the baseline, is always run; choices: {', '.join(METHODS)}")
+                                       f"hf_vanilla, the baseline, is always run; choices: {', '.join(contestants())}")
     run.add_argument("--ablation", action="store_true",
                      help="ouroboros with each of " + ", ".join(ABLATION_SWITCHES) + " off in turn, "
                           "beside full ouroboros and hf_vanilla")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class OuroborosConfig:
@@ -11,8 +13,9 @@ class OuroborosConfig:
 
     The defaults are sized from forward costs measured on a 2-core AVX2 CPU without bf16 matrix
     units (BENCHMARKS.md), where a bf16 forward costs about one more single-token forward per extra
-    token: so drafts stay short, the draft model runs no Jacobi window (window=1) and checks one pool
-    phrase, and the target verifies one branch. Where extra tokens in a forward are nearly free (GPUs,
+    token: so drafts stay short, the draft model runs the narrowest Jacobi window (window=1, which still
+    feeds N-2 lookahead tokens per draft forward) and checks one pool phrase, and the target verifies
+    one branch. Where extra tokens in a forward are nearly free (GPUs,
     AVX-512-bf16/AMX CPUs) larger windows, levels and branch counts pay off: e.g. gamma=6, window=4,
     step_phrases=4, branches=4. `ouroboros tune` (`ouroboros.tune`) measures the device in use and
     chooses these sizes from its costs.
@@ -21,7 +24,8 @@ class OuroborosConfig:
     gamma: int = 3
     """Draft tokens to produce before the target verifies (more are kept when a phrase overshoots)."""
     window: int = 1
-    """W: columns of the Jacobi (lookahead) window that generates new phrases."""
+    """W: columns of the Jacobi (lookahead) window that generates new phrases. Each draft forward
+    feeds W-1 + W*(N-2) window tokens once the window is full, so W=1 still adds N-2."""
     level: int = 4
     """N: n-gram size; a phrase is the N-1 tokens that follow its key token."""
     pool_size: int = 8
@@ -48,14 +52,14 @@ class OuroborosConfig:
             value = getattr(self, f.name)
             if f.type in ("int", int):
                 if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(f"OuroborosConfig.{f.name} must be an int, got {value!r}")
+                    raise ConfigError(f"OuroborosConfig.{f.name} must be an int, got {value!r}")
                 if value < minimum[f.name]:
-                    raise ValueError(f"OuroborosConfig.{f.name} must be >= {minimum[f.name]}, got {value}")
+                    raise ConfigError(f"OuroborosConfig.{f.name} must be >= {minimum[f.name]}, got {value}")
             elif not isinstance(value, bool):
-                raise TypeError(f"OuroborosConfig.{f.name} must be a bool, got {value!r}")
+                raise ConfigError(f"OuroborosConfig.{f.name} must be a bool, got {value!r}")
         for name in ("step_phrases", "branches"):
             if getattr(self, name) > self.pool_size:
-                raise ValueError(
+                raise ConfigError(
                     f"OuroborosConfig.{name}={getattr(self, name)} exceeds pool_size={self.pool_size}: "
                     "the pool never holds that many phrases per key")
 

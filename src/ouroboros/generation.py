@@ -12,13 +12,17 @@ import torch
 
 from .acceptance import Sampler, greedy_verify
 from .config import OuroborosConfig
+from .errors import InvalidArgumentError, InvalidTypeError
+from .methods import METHODS, Setup, get_method
+from .model_facts import context_length, eos_token_ids, vocab_size
 from .pool import PhrasePool
-from .proposers import (Context, DraftModelProposer, LookaheadProposer, PromptLookupProposer, Proposer,
-                        decode_step)
-from .runner import ModelRunner, check_tree_attention, text_config
+from .proposers import Context
+from .runner import ForwardRecord, ModelRunner, check_tree_attention, decode_step
 
-METHODS = ("vanilla", "speculative", "lookahead", "prompt_lookup", "ouroboros")
-DRAFT_METHODS = ("speculative", "ouroboros")
+MIN_TEMPERATURE = 1e-6
+"""Below this, logits / temperature can overflow float32; 0 (greedy) is the limit users mean."""
+
+__all__ = ["METHODS", "GenerationOutput", "GenerationStats", "generate", "make_verifier"]
 
 
 @dataclass
@@ -33,6 +37,8 @@ class GenerationStats:
     events: dict[str, int] = field(default_factory=dict)
     """Acceptance paths taken: trunk_full, trunk_partial, branch_accepted, branch_rejected,
     phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step)."""
+    forward_log: list[ForwardRecord] = field(default_factory=list)
+    """Every forward of both models, in order: model, tokens fed, tokens cached, seconds."""
 
     @property
     def mean_accepted(self) -> float:
@@ -87,20 +93,23 @@ def generate(
     config = OuroborosConfig() if config is None else config
     prompt = _validate(target, input_ids, draft, method, max_new_tokens, config, pool)
     verify = make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator)
-    eos = _eos_ids(target, eos_token_id)
+    eos = set(eos_token_ids(target, eos_token_id))
     stats = GenerationStats()
     start = time.perf_counter()
     with torch.inference_mode():
-        runner = ModelRunner(target)
-        proposer = _make_proposer(method, draft, prompt, config, pool)
+        runner = ModelRunner(target, role="target")
+        spec = get_method(method)
+        pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
+        draft_runner = ModelRunner(draft, role="draft") if spec.needs_draft else None
+        proposer = spec.build(Setup(list(prompt), config, pool, draft_runner))
         if streamer is not None:
             streamer.put(input_ids.detach().reshape(1, -1).cpu())
         context = Context(list(prompt), max_new_tokens)
         finish = "length"
         while context.remaining > 0:
-            tree = proposer.propose(context)
-            result = decode_step(runner, context.tokens, tree, verify)
-            proposer.learn(context, tree, result)
+            proposal = proposer.propose(context)
+            result = decode_step(runner, context.tokens, proposal.tree, verify)
+            proposer.learn(context, proposal, result)
             emitted = result.emitted[:context.remaining]
             ends = [i for i, token in enumerate(emitted) if token in eos]
             if ends:
@@ -116,54 +125,39 @@ def generate(
         if streamer is not None:
             streamer.end()
     stats.wall_time = time.perf_counter() - start
+    draft_log = proposer.draft_runner.log if proposer.draft_runner is not None else []
     stats.target_forwards = runner.forwards
-    stats.draft_forwards = proposer.draft_forwards
+    stats.draft_forwards = len(draft_log)
+    stats.forward_log = sorted(runner.log + draft_log, key=lambda record: record.started)
     stats.events = dict(proposer.events)
     stats.new_tokens = len(context.tokens) - len(prompt)
     sequences = torch.tensor([context.tokens], dtype=torch.long, device=input_ids.device)
     return GenerationOutput(sequences, stats, finish)
 
 
-def _make_proposer(method: str, draft, prompt: list[int], config: OuroborosConfig,
-                   pool: PhrasePool | None) -> Proposer:
-    if method == "vanilla":
-        return Proposer()
-    if method == "prompt_lookup":
-        return PromptLookupProposer(config.gamma, config.max_ngram)
-    pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
-    if method == "lookahead":
-        return LookaheadProposer(pool, config, seed=prompt)
-    runner = ModelRunner(draft)
-    if method == "speculative":
-        return DraftModelProposer(runner, Proposer(), pool, config, lengthen=False, harvest=False,
-                                  context_phrases=False)
-    if config.context_phrases:
-        pool.insert_ngrams(prompt)
-    drafter = LookaheadProposer(pool, config, seed=prompt) if config.phrase_drafting else Proposer()
-    return DraftModelProposer(runner, drafter, pool, config, lengthen=config.lengthen, harvest=config.harvest,
-                              context_phrases=config.context_phrases)
-
-
 def make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator):
     """Validate the sampling settings; return the verification rule (greedy or a Sampler)."""
     def number(name, value, low, high, low_open=False):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise TypeError(f"{name} must be a number, got {value!r}")
+            raise InvalidTypeError(f"{name} must be a number, got {value!r}")
         if value < low or value > high or (low_open and value == low):
             bounds = f"{'(' if low_open else '['}{low}, {high}]"
-            raise ValueError(f"{name} must be in {bounds}, got {value}")
+            raise InvalidArgumentError(f"{name} must be in {bounds}, got {value}")
 
     if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
+        raise InvalidTypeError(f"do_sample must be a bool, got {do_sample!r}")
     number("temperature", temperature, 0.0, math.inf)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise InvalidArgumentError(f"temperature {temperature} is too small to sample from (logits / temperature "
+                                   f"overflow): use 0 for greedy decoding or a value >= {MIN_TEMPERATURE}")
     number("top_p", top_p, 0.0, 1.0, low_open=True)
     number("min_p", min_p, 0.0, 1.0)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        raise InvalidArgumentError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
+        raise InvalidTypeError(f"seed must be an int or None, got {seed!r}")
     if seed is not None and generator is not None:
-        raise ValueError("give either seed or generator, not both")
+        raise InvalidArgumentError("give either seed or generator, not both")
     if not do_sample:
         return greedy_verify
     if temperature == 0:
@@ -178,75 +172,49 @@ def make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator):
     return Sampler(temperature, top_k, top_p, min_p, generator).verify
 
 
-def _eos_ids(target, eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        generation_config = getattr(target, "generation_config", None)
-        eos_token_id = getattr(generation_config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, torch.Tensor):
-        eos_token_id = eos_token_id.tolist()
-    if isinstance(eos_token_id, int):
-        eos_token_id = [eos_token_id]
-    ids = set()
-    for token in eos_token_id:
-        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-            raise ValueError(f"eos_token_id must be a non-negative int or a list of them, got {eos_token_id!r}")
-        ids.add(token)
-    return ids
-
-
-def vocab_size(model) -> int:
-    return int(text_config(model).vocab_size)
-
-
-def context_length(model) -> int | None:
-    return getattr(text_config(model), "max_position_embeddings", None)
-
-
 def _validate(target, input_ids, draft, method, max_new_tokens, config, pool) -> list[int]:
     """Check every argument before any forward; return the prompt as a list of ids."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    spec = get_method(method)
     if not isinstance(config, OuroborosConfig):
-        raise TypeError(f"config must be an OuroborosConfig, got {type(config).__name__}")
+        raise InvalidTypeError(f"config must be an OuroborosConfig, got {type(config).__name__}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        raise InvalidArgumentError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.LongTensor of shape [1, length], got {type(input_ids).__name__}")
+        raise InvalidTypeError("input_ids must be a torch.LongTensor of shape [1, length], "
+                               f"got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        raise InvalidTypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     if input_ids.dim() == 2 and input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids has a batch of {input_ids.shape[0]} sequences; only batch size 1 is "
+        raise InvalidArgumentError(f"input_ids has a batch of {input_ids.shape[0]} sequences; only batch size 1 is "
                          "supported for now (batching is planned): call generate once per sequence")
     if input_ids.dim() not in (1, 2):
-        raise ValueError(f"input_ids must have shape [1, length] or [length], got {tuple(input_ids.shape)}")
+        raise InvalidArgumentError(f"input_ids must have shape [1, length] or [length], got {tuple(input_ids.shape)}")
     prompt = input_ids.reshape(-1).tolist()
     if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise InvalidArgumentError("the prompt is empty: give at least one token")
     vocab = vocab_size(target)
     if min(prompt) < 0 or max(prompt) >= vocab:
-        raise ValueError(f"input_ids hold ids outside the target's vocabulary [0, {vocab})")
+        raise InvalidArgumentError(f"input_ids hold ids outside the target's vocabulary [0, {vocab})")
     limit = context_length(target)
     if limit is not None and len(prompt) + max_new_tokens > limit:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the target's "
-                         f"context of {limit} tokens")
-    if method in DRAFT_METHODS:
+        raise InvalidArgumentError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                                   f"target's context of {limit} tokens")
+    if spec.needs_draft:
         if draft is None:
-            raise ValueError(f"method {method!r} needs a draft model: pass draft=...")
+            raise InvalidArgumentError(f"method {method!r} needs a draft model: pass draft=...")
         if vocab_size(draft) != vocab:
-            raise ValueError(f"the draft's vocabulary ({vocab_size(draft)}) differs from the target's ({vocab}): "
-                             "the models must share one tokenizer")
+            raise InvalidArgumentError(f"the draft's vocabulary ({vocab_size(draft)}) differs from the target's "
+                                       f"({vocab}): the models must share one tokenizer")
         draft_limit = context_length(draft)
         if draft_limit is not None and len(prompt) + max_new_tokens > draft_limit:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"draft's context of {draft_limit} tokens")
+            raise InvalidArgumentError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                                       f"the draft's context of {draft_limit} tokens")
     if pool is not None:
         if not isinstance(pool, PhrasePool):
-            raise TypeError(f"pool must be a PhrasePool or None, got {type(pool).__name__}")
+            raise InvalidTypeError(f"pool must be a PhrasePool or None, got {type(pool).__name__}")
         if pool.level != config.level:
-            raise ValueError(f"the pool holds {pool.level}-grams but config.level is {config.level}")
+            raise InvalidArgumentError(f"the pool holds {pool.level}-grams but config.level is {config.level}")
     check_tree_attention(target)
-    if method in DRAFT_METHODS:
+    if spec.needs_draft:
         check_tree_attention(draft)
     return prompt

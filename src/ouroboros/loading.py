@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .errors import InvalidArgumentError
+
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
 
@@ -15,7 +17,7 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+        raise InvalidArgumentError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
@@ -25,7 +27,7 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
         only_a = sorted(set(a) - set(b))[:3]
         only_b = sorted(set(b) - set(a))[:3]
         moved = sorted(t for t in set(a) & set(b) if a[t] != b[t])[:3]
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the target and draft tokenizers differ (target {len(a)} tokens, draft {len(b)}; "
             f"only in target: {only_a}, only in draft: {only_b}, different ids: {moved}): "
             "speculative decoding needs one shared tokenizer")
@@ -38,7 +40,7 @@ def load_pair(target: str | os.PathLike | None = None, draft: str | os.PathLike 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (target is None) != (draft is None):
-        raise ValueError("give both a target and a draft path, or neither to use the built-in default pair")
+        raise InvalidArgumentError("give both a target and a draft path, or neither to use the built-in default pair")
     if target is None:
         from .default_pair import default_pair_dirs
 

@@ -6,10 +6,35 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
+from .errors import ConfigError
 from .files import write_json_atomically
 
 Phrase = tuple[int, ...]
+
+
+class PhraseSource(Protocol):
+    """Where drafts find phrases, and where the target's verdicts teach new ones.
+
+    `PhrasePool` keys phrases by one token; another store (e.g. a suffix structure over the
+    context and earlier outputs) can take its place behind these five members without touching
+    the proposers or the loop."""
+
+    level: int
+    """Phrases are level - 1 tokens long; an n-gram is a key token plus its phrase."""
+
+    def follow(self, context: Sequence[int], count: int) -> list[Phrase]:
+        """Up to `count` phrases that may come right after `context`, most likely first."""
+
+    def insert(self, key: int, phrase: Sequence[int]) -> None:
+        """Learn that `phrase` followed (or should follow) token `key`."""
+
+    def replace(self, key: int, old: Phrase, new: Sequence[int]) -> None:
+        """Swap a phrase found wrong for its correction."""
+
+    def insert_ngrams(self, tokens: Sequence[int], start: int = 0) -> None:
+        """Learn every n-gram of `tokens` whose key is at index >= start (context phrases)."""
 
 
 class PhrasePool:
@@ -22,9 +47,9 @@ class PhrasePool:
 
     def __init__(self, level: int = 4, capacity: int = 8):
         if isinstance(level, bool) or not isinstance(level, int) or level < 2:
-            raise ValueError(f"PhrasePool level must be an int >= 2, got {level!r}")
+            raise ConfigError(f"PhrasePool level must be an int >= 2, got {level!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"PhrasePool capacity must be an int >= 1, got {capacity!r}")
+            raise ConfigError(f"PhrasePool capacity must be an int >= 1, got {capacity!r}")
         self.level = level
         self.capacity = capacity
         self._phrases: dict[int, OrderedDict[Phrase, None]] = {}
@@ -32,7 +57,7 @@ class PhrasePool:
     def insert(self, key: int, phrase: Sequence[int]) -> None:
         phrase = tuple(phrase)
         if len(phrase) != self.level - 1:
-            raise ValueError(f"a phrase must have level-1 = {self.level - 1} tokens, got {len(phrase)}")
+            raise ConfigError(f"a phrase must have level-1 = {self.level - 1} tokens, got {len(phrase)}")
         bucket = self._phrases.setdefault(key, OrderedDict())
         if phrase in bucket:
             bucket.move_to_end(phrase)
@@ -47,6 +72,10 @@ class PhrasePool:
         if bucket is not None:
             bucket.pop(tuple(old), None)
         self.insert(key, new)
+
+    def follow(self, context: Sequence[int], count: int) -> list[Phrase]:
+        """The `count` newest phrases keyed by the context's last token."""
+        return self.lookup(context[-1], count) if len(context) else []
 
     def lookup(self, key: int, count: int) -> list[Phrase]:
         """The `count` newest phrases of `key`, newest first."""
@@ -88,7 +117,7 @@ class PhrasePool:
                 for phrase in phrases:
                     pool.insert(int(key), [int(t) for t in phrase])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a valid phrase pool state: {exc}") from exc
+            raise ConfigError(f"not a valid phrase pool state: {exc}") from exc
         return pool
 
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -103,7 +132,7 @@ class PhrasePool:
             with open(path) as f:
                 payload = json.load(f)
             if not isinstance(payload, dict) or payload.get("format") != "ouroboros-phrase-pool/1":
-                raise ValueError("unknown format (expected ouroboros-phrase-pool/1)")
+                raise ConfigError("unknown format (expected ouroboros-phrase-pool/1)")
             return cls.from_state_dict(payload), dict(payload.get("metadata") or {})
         except (OSError, json.JSONDecodeError, ValueError) as exc:
-            raise ValueError(f"cannot load phrase pool file {os.fspath(path)!r}: {exc}") from exc
+            raise ConfigError(f"cannot load phrase pool file {os.fspath(path)!r}: {exc}") from exc

@@ -7,20 +7,39 @@ positions and a 4-D mask, then keeps only the pending tokens and the accepted pa
 from __future__ import annotations
 
 import inspect
+import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from .acceptance import check_finite
+from .acceptance import StepResult, check_finite, greedy_verify
+from .errors import InvalidArgumentError, UnsupportedModelError
+from .model_facts import text_config
 from .tree import DraftTree
 
 _TREE_ATTENTION_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+__all__ = ["ForwardRecord", "ModelRunner", "UnsupportedModelError", "check_tree_attention", "decode_step",
+           "text_config"]
 
-class UnsupportedModelError(TypeError):
-    """The model cannot run tree attention (custom 4-D mask, explicit positions, a dynamic cache)."""
+
+@dataclass(frozen=True)
+class ForwardRecord:
+    """One forward of one model, for the forward log: what it cost and what it was asked to do."""
+
+    model: str
+    """Which model ran: "target" or "draft"."""
+    fed: int
+    """Tokens fed (pending tokens plus tree and window nodes)."""
+    cached: int
+    """Tokens already in the KV cache before it."""
+    seconds: float
+    """Wall time of the forward (on CUDA, up to the verification that reads its logits)."""
+    started: float
+    """`time.perf_counter()` when it began, to order the forwards of both models."""
 
 
 def _cache_argument(model) -> str:
@@ -29,12 +48,6 @@ def _cache_argument(model) -> str:
         if name in params:
             return name
     raise UnsupportedModelError(f"{type(model).__name__}.forward takes no KV cache argument")
-
-
-def text_config(model):
-    """The decoder's config (multimodal models nest it), where vocab size and context live."""
-    config = model.config
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def check_tree_attention(model) -> None:
@@ -88,23 +101,41 @@ def _probe(model, tokens, positions, allowed) -> torch.Tensor:
     return out.logits[0].float()
 
 
+def decode_step(runner: ModelRunner, tokens: Sequence[int], tree: DraftTree, verify=greedy_verify) -> StepResult:
+    """One forward of `runner` over its pending tokens and `tree`, verified, cache compacted."""
+    pending = runner.rewind(tokens)
+    logits = runner.forward(pending, tree)
+    result = verify(tree, logits)
+    runner.keep(result.path)
+    return result
+
+
 class ModelRunner:
-    def __init__(self, model):
+    """Runs one model over pending tokens plus a draft tree with a `DynamicCache`; keeps a log of
+    its forwards (`log`) so that their costs can be studied and replayed."""
+
+    def __init__(self, model, role: str = "target"):
         self.model = model
+        self.role = role
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache_argument = _cache_argument(model)
         self.cache = DynamicCache()
         self.tokens: list[int] = []
         """Token ids whose keys and values are in the cache, in order."""
-        self.forwards = 0
+        self.log: list[ForwardRecord] = []
         self._last: tuple[int, list[int]] | None = None
+        self._started: tuple[float, int, int] | None = None  # CUDA: the forward timed until `keep`
+
+    @property
+    def forwards(self) -> int:
+        return len(self.log) + (self._started is not None)
 
     def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
         """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
         the last pending token (the root) and every tree node, in tree order."""
         if not pending:
-            raise ValueError("a forward needs at least one pending token (the root)")
+            raise InvalidArgumentError("a forward needs at least one pending token (the root)")
         past, p = len(self.tokens), len(pending)
         node_tokens, rel_positions, tree_mask = tree.layout()
         q = p + len(node_tokens)
@@ -114,6 +145,7 @@ class ModelRunner:
         allowed[p:, p:] = tree_mask
         positions = torch.cat([torch.arange(past, past + p), rel_positions + (past + p - 1)])
         ids = torch.tensor([list(pending) + node_tokens], device=self.device)
+        start = time.perf_counter()
         out = self.model(
             input_ids=ids,
             attention_mask=self._additive_mask(allowed, past),
@@ -122,9 +154,13 @@ class ModelRunner:
             logits_to_keep=len(node_tokens) + 1,
             **{self.cache_argument: self.cache},
         )
-        self.forwards += 1
         self._last = (p, list(pending) + node_tokens)
-        return out.logits[0].float()
+        logits = out.logits[0].float()
+        if self.device.type == "cuda":  # asynchronous: the verification's read of the logits ends it
+            self._started = (start, q, past)
+        else:
+            self.log.append(ForwardRecord(self.role, q, past, time.perf_counter() - start, start))
+        return logits
 
     def _additive_mask(self, allowed: torch.Tensor, past: int) -> torch.Tensor:
         """[1, 1, q, past + q] mask in the model's dtype: 0 where visible, dtype-min elsewhere."""
@@ -136,6 +172,10 @@ class ModelRunner:
     def keep(self, path: Sequence[int]) -> None:
         """After `forward`: keep the pending tokens and the accepted tree nodes `path`, drop the rest."""
         p, fed = self._last
+        if self._started is not None:
+            start, q, past = self._started
+            self.log.append(ForwardRecord(self.role, q, past, time.perf_counter() - start, start))
+            self._started = None
         base = len(self.tokens) + p
         path = list(path)
         if path != list(range(len(path))):  # accepted nodes are not already in place: move them

@@ -34,7 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .config import OuroborosConfig
-from .generation import DRAFT_METHODS, METHODS, context_length, vocab_size, generate
+from .generation import generate
+from .methods import METHODS, get_method
+from .model_facts import context_length, vocab_size
 from .pool import PhrasePool
 from .runner import check_tree_attention
 
@@ -478,7 +480,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
     if max_body_bytes < 1 or default_max_tokens < 1:
         raise ValueError("max_body_bytes and default_max_tokens must be >= 1")
     check_tree_attention(target)
-    if method in DRAFT_METHODS:
+    if get_method(method).needs_draft:
         if draft is None:
             raise ValueError(f"method {method!r} needs a draft model")
         check_tree_attention(draft)
@@ -492,7 +494,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
                     save_interval=pool_save_interval)
-    limits = [context_length(m) for m in ([target, draft] if method in DRAFT_METHODS else [target])]
+    limits = [context_length(m) for m in ([target, draft] if get_method(method).needs_draft else [target])]
     limits = [limit for limit in limits if limit is not None]
     settings = _Settings(name, api_key.encode() if api_key is not None else None, max_body_bytes,
                          default_max_tokens, min(limits) if limits else None, vocab_size(target), int(time.time()))
@@ -797,7 +799,7 @@ def _render_metrics(engine: Engine) -> str:
 
 
 def add_serve_parser(subparsers) -> None:
-    from .cli import add_config_arguments, add_model_arguments
+    from .arguments import add_config_arguments, add_model_arguments
 
     serve = subparsers.add_parser("serve", help="serve the pair over an OpenAI-compatible HTTP API")
     serve.add_argument("--host", default="127.0.0.1",
@@ -824,7 +826,7 @@ def add_serve_parser(subparsers) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .cli import apply_threads, config_from_args
+    from .arguments import apply_threads, config_from_args
     from .loading import load_pair
 
     config = config_from_args(args)

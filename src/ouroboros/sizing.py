@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 
 from .config import OuroborosConfig
+from .errors import ConfigError
 from .files import write_json_atomically
-from .runner import ModelRunner, text_config
+from .model_facts import text_config
+from .runner import ModelRunner
 from .tree import DraftTree
 
 FORMAT = "ouroboros-sizing/1"
@@ -55,7 +57,7 @@ class CostCurve:
 
     def __post_init__(self) -> None:
         if not self.seconds or any(k < 1 or not s > 0 for k, s in self.seconds.items()):
-            raise ValueError(f"a cost curve needs positive seconds for token counts >= 1, got {self.seconds}")
+            raise ConfigError(f"a cost curve needs positive seconds for token counts >= 1, got {self.seconds}")
 
     def at(self, k: int) -> float:
         """Piecewise-linear between measured points; beyond them, linear in k from the nearest."""
@@ -142,9 +144,9 @@ def choose(target: CostCurve, draft: CostCurve | None, *, acceptance: float = 0.
            base: OuroborosConfig | None = None, max_gamma: int = 12) -> Sizing:
     """Sizes for `base` (level, pool size and switches kept) from the two cost curves."""
     if not 0 <= acceptance < 1:
-        raise ValueError(f"acceptance must be in [0, 1), got {acceptance}")
+        raise ConfigError(f"acceptance must be in [0, 1), got {acceptance}")
     if slack < 1:
-        raise ValueError(f"slack must be >= 1, got {slack}")
+        raise ConfigError(f"slack must be >= 1, got {slack}")
     base = base or OuroborosConfig()
     one = target.at(1)
     draft_one = draft.at(1) if draft is not None else 0.0
@@ -207,7 +209,7 @@ def draft_agreement(target, draft, tokenizer, text: str = SAMPLE_TEXT) -> float:
     """Share of positions of `text` where the draft's greedy next token equals the target's."""
     ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.shape[1] < 2:
-        raise ValueError("the sample text is too short to measure the draft's agreement")
+        raise ConfigError("the sample text is too short to measure the draft's agreement")
     with torch.inference_mode():
         wanted = target(ids.to(target.device)).logits[0].argmax(-1).cpu()
         proposed = draft(ids.to(draft.device)).logits[0].argmax(-1).cpu()
@@ -220,7 +222,7 @@ def tune(target, draft, tokenizer=None, *, acceptance: float | None = None, slac
     (with `tokenizer`) unless given."""
     if acceptance is None:
         if tokenizer is None:
-            raise ValueError("give a tokenizer to measure the draft's acceptance, or pass acceptance=")
+            raise ConfigError("give a tokenizer to measure the draft's acceptance, or pass acceptance=")
         acceptance = min(draft_agreement(target, draft, tokenizer), 0.99)
     return choose(measure(target), measure(draft), acceptance=acceptance, slack=slack, base=base)
 
@@ -234,19 +236,20 @@ def load_config(path: str | os.PathLike) -> OuroborosConfig:
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
     if isinstance(document, dict) and document.get("format") == FORMAT:
         document = document.get("config")
     if not isinstance(document, dict):
-        raise ValueError(f"config file {path} must hold a JSON object of OuroborosConfig fields")
+        raise ConfigError(f"config file {path} must hold a JSON object of OuroborosConfig fields")
     known = {f.name for f in fields(OuroborosConfig)}
     unknown = sorted(set(document) - known)
     if unknown:
-        raise ValueError(f"config file {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"config file {path}: unknown field(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
     try:
         return OuroborosConfig(**document)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"config file {path}: {exc}") from None
+        raise ConfigError(f"config file {path}: {exc}") from None
 
 
 def save_sizing(sizing: Sizing, path: str | os.PathLike) -> None:

@@ -21,10 +21,21 @@ class DraftTree:
         self.tokens: list[int] = []
         self.parents: list[int] = []
         self.depths: list[int] = []
+        self.sources: list[str] = []
+        """Where each trie node came from (e.g. "draft", "pool", "context", "branch")."""
         self._children: dict[int, dict[int, int]] = {ROOT: {}}
         self.window_tokens: list[int] = []
         self.window_positions: torch.Tensor | None = None
         self.window_mask: torch.Tensor | None = None
+        self._frozen = False
+
+    def freeze(self) -> None:
+        """No more nodes: a proposal's tree must be the one that was verified."""
+        self._frozen = True
+
+    def _check_open(self) -> None:
+        if self._frozen:
+            raise RuntimeError("this draft tree belongs to a proposal and can no longer change")
 
     @property
     def size(self) -> int:
@@ -39,10 +50,12 @@ class DraftTree:
     def child(self, node: int, token: int) -> int | None:
         return self._children.get(node, {}).get(token)
 
-    def add_chain(self, tokens: Sequence[int], parent: int = ROOT) -> list[int]:
+    def add_chain(self, tokens: Sequence[int], parent: int = ROOT, source: str = "draft") -> list[int]:
         """Add `tokens` as a path under `parent`, reusing existing nodes; returns the node ids.
 
-        The chain is cut at `max_depth` (no point drafting past the token budget)."""
+        The chain is cut at `max_depth` (no point drafting past the token budget). New nodes are
+        labelled `source`; shared nodes keep the label of the chain that made them."""
+        self._check_open()
         nodes = []
         depth = self.depths[parent] if parent != ROOT else 0
         for token in tokens:
@@ -55,6 +68,7 @@ class DraftTree:
                 self.tokens.append(token)
                 self.parents.append(parent)
                 self.depths.append(depth + 1)
+                self.sources.append(source)
                 self._children[parent][token] = node
                 self._children[node] = {}
             nodes.append(node)
@@ -63,6 +77,7 @@ class DraftTree:
 
     def set_window(self, tokens: Sequence[int], positions: torch.Tensor, mask: torch.Tensor) -> None:
         """Attach lookahead nodes: positions relative to the root, mask among themselves."""
+        self._check_open()
         self.window_tokens = list(tokens)
         self.window_positions = positions
         self.window_mask = mask

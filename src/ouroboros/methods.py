@@ -1,0 +1,105 @@
+"""The registry of decoding methods: one entry per method, read by `generate`, the bench, the CLI
+and the server. Adding a method is adding one `Method` with `register`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .config import OuroborosConfig
+from .errors import InvalidArgumentError
+from .pool import PhrasePool
+from .proposers import (
+    DraftModelProposer,
+    LookaheadProposer,
+    NullProposer,
+    PromptLookupProposer,
+    Proposer,
+)
+from .runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a method's builder gets for one generation."""
+
+    prompt: list[int]
+    config: OuroborosConfig
+    pool: PhrasePool
+    """The phrase pool: the caller's (warm) or a fresh one (cold)."""
+    draft_runner: ModelRunner | None
+    """The draft model's runner when the method needs a draft model, else None."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[[Setup], Proposer]
+    needs_draft: bool = False
+    summary: str = ""
+
+
+REGISTRY: dict[str, Method] = {}
+"""Every known method by name, in registration order."""
+
+
+class _Names(Sequence):
+    """A live, ordered view of the registered names (so `METHODS` follows later registrations)."""
+
+    def __getitem__(self, index):
+        return list(REGISTRY)[index]
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+    def __contains__(self, name) -> bool:
+        return name in REGISTRY
+
+    def __repr__(self) -> str:
+        return repr(tuple(REGISTRY))
+
+
+METHODS: Sequence[str] = _Names()
+"""The names of all methods, in registration order."""
+
+
+def register(method: Method) -> Method:
+    if method.name in REGISTRY:
+        raise InvalidArgumentError(f"a method named {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise InvalidArgumentError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def _speculative(setup: Setup) -> Proposer:
+    return DraftModelProposer(setup.draft_runner, NullProposer(), setup.pool, setup.config, lengthen=False,
+                              harvest=False, context_phrases=False)
+
+
+def _ouroboros(setup: Setup) -> Proposer:
+    config, pool = setup.config, setup.pool
+    if config.context_phrases:
+        pool.insert_ngrams(setup.prompt)
+    drafter = LookaheadProposer(pool, config, seed=setup.prompt) if config.phrase_drafting else NullProposer()
+    return DraftModelProposer(setup.draft_runner, drafter, pool, config, lengthen=config.lengthen,
+                              harvest=config.harvest, context_phrases=config.context_phrases)
+
+
+register(Method("vanilla", lambda setup: NullProposer(), summary="one token per target forward"))
+register(Method("speculative", _speculative, needs_draft=True, summary="the draft model's greedy chain"))
+register(Method("lookahead", lambda setup: LookaheadProposer(setup.pool, setup.config, seed=setup.prompt),
+                summary="Jacobi decoding on the target alone"))
+register(Method("prompt_lookup", lambda setup: PromptLookupProposer(setup.config.gamma, setup.config.max_ngram),
+                summary="n-grams of the context"))
+register(Method("ouroboros", _ouroboros, needs_draft=True,
+                summary="draft model with phrase drafting, branches and phrase harvesting"))

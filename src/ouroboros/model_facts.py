@@ -1,0 +1,50 @@
+"""Facts about a model that generate, bench and server all need, each read in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import InvalidArgumentError
+
+
+def text_config(model):
+    """The decoder's config (multimodal models nest it), where vocab size and context live."""
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def vocab_size(model) -> int:
+    return int(text_config(model).vocab_size)
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (prompt plus output), or None if unknown."""
+    return getattr(text_config(model), "max_position_embeddings", None)
+
+
+def eos_token_ids(model, override: int | Sequence[int] | torch.Tensor | None = None, tokenizer=None) -> list[int]:
+    """The ids that end a generation, in order, without repeats.
+
+    `override` (an id or a list; [] means none) wins; else the model's `generation_config` ids, plus
+    the tokenizer's EOS when a tokenizer is given (chat models often end turns with a token that
+    only one of the two names)."""
+    ids = override
+    if ids is None:
+        ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            ids = _as_list(ids) + [tokenizer.eos_token_id]
+    ids = _as_list(ids)
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise InvalidArgumentError(f"eos_token_id must be a non-negative int or a list of them, got {override!r}")
+    return list(dict.fromkeys(ids))
+
+
+def _as_list(ids) -> list:
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    return [ids] if isinstance(ids, int) else list(ids)
