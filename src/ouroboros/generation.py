@@ -12,6 +12,7 @@ import torch
 
 from .acceptance import Sampler, greedy_verify
 from .config import OuroborosConfig
+from .costs import CostTable
 from .errors import InvalidArgumentError, InvalidTypeError
 from .methods import METHODS, Setup, get_method
 from .model_facts import context_length, eos_token_ids, vocab_size
@@ -37,6 +38,8 @@ class GenerationStats:
     events: dict[str, int] = field(default_factory=dict)
     """Acceptance paths taken: trunk_full, trunk_partial, branch_accepted, branch_rejected,
     phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step)."""
+    plan: str = ""
+    """How `method="auto"` chose its start, in one line (empty for the other methods)."""
     forward_log: list[ForwardRecord] = field(default_factory=list)
     """Every forward of both models, in order: model, tokens fed, tokens cached, seconds."""
 
@@ -77,6 +80,7 @@ def generate(
     min_p: float = 0.0,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    costs: CostTable | None = None,
 ) -> GenerationOutput:
     """Generate with `method`; the output is exactly the target's own decoding.
 
@@ -86,6 +90,8 @@ def generate(
     order; unlike transformers, nothing is read from `generation_config`: top_k=0 means off).
     `seed` (or a CPU `generator`) makes sampling reproducible run to run.
 
+    `method="auto"` picks and switches the drafting per step (see `proposers.auto`); it uses `costs`
+    (a `CostTable` of this machine) or measures and caches the models' costs on first use.
     `pool=None` starts a fresh phrase pool (cold); pass a `PhrasePool` to carry phrases across calls
     (warm). `streamer` follows transformers' protocol (`put`, `end`). `stopping(new_tokens)` is
     called after each step with all new tokens so far; returning True ends generation there.
@@ -100,8 +106,8 @@ def generate(
         runner = ModelRunner(target, role="target")
         spec = get_method(method)
         pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
-        draft_runner = ModelRunner(draft, role="draft") if spec.needs_draft else None
-        proposer = spec.build(Setup(list(prompt), config, pool, draft_runner))
+        draft_runner = ModelRunner(draft, role="draft") if spec.takes_draft and draft is not None else None
+        proposer = spec.build(Setup(list(prompt), config, pool, draft_runner, target, max_new_tokens, costs))
         if streamer is not None:
             streamer.put(input_ids.detach().reshape(1, -1).cpu())
         context = Context(list(prompt), max_new_tokens)
@@ -130,6 +136,8 @@ def generate(
     stats.draft_forwards = len(draft_log)
     stats.forward_log = sorted(runner.log + draft_log, key=lambda record: record.started)
     stats.events = dict(proposer.events)
+    if getattr(proposer, "plan", None) is not None:
+        stats.plan = proposer.plan.line()
     stats.new_tokens = len(context.tokens) - len(prompt)
     sequences = torch.tensor([context.tokens], dtype=torch.long, device=input_ids.device)
     return GenerationOutput(sequences, stats, finish)
@@ -199,9 +207,9 @@ def _validate(target, input_ids, draft, method, max_new_tokens, config, pool) ->
     if limit is not None and len(prompt) + max_new_tokens > limit:
         raise InvalidArgumentError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                                    f"target's context of {limit} tokens")
-    if spec.needs_draft:
-        if draft is None:
-            raise InvalidArgumentError(f"method {method!r} needs a draft model: pass draft=...")
+    if spec.needs_draft and draft is None:
+        raise InvalidArgumentError(f"method {method!r} needs a draft model: pass draft=...")
+    if spec.takes_draft and draft is not None:
         if vocab_size(draft) != vocab:
             raise InvalidArgumentError(f"the draft's vocabulary ({vocab_size(draft)}) differs from the target's "
                                        f"({vocab}): the models must share one tokenizer")
@@ -215,6 +223,6 @@ def _validate(target, input_ids, draft, method, max_new_tokens, config, pool) ->
         if pool.level != config.level:
             raise InvalidArgumentError(f"the pool holds {pool.level}-grams but config.level is {config.level}")
     check_tree_attention(target)
-    if spec.needs_draft:
+    if spec.takes_draft and draft is not None:
         check_tree_attention(draft)
     return prompt

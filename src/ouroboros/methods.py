@@ -4,9 +4,10 @@ and the server. Adding a method is adding one `Method` with `register`."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import OuroborosConfig
+from .costs import CostTable
 from .errors import InvalidArgumentError
 from .pool import PhrasePool
 from .proposers import (
@@ -28,7 +29,12 @@ class Setup:
     pool: PhrasePool
     """The phrase pool: the caller's (warm) or a fresh one (cold)."""
     draft_runner: ModelRunner | None
-    """The draft model's runner when the method needs a draft model, else None."""
+    """The draft model's runner when the method uses a draft model and one was given, else None."""
+    target: object = None
+    """The target model (for methods that measure it, like auto)."""
+    max_new_tokens: int = 0
+    costs: CostTable | None = None
+    """Forward costs of this machine, if the caller has them (auto measures them otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,13 @@ class Method:
     name: str
     build: Callable[[Setup], Proposer]
     needs_draft: bool = False
+    uses_draft: bool | None = None
+    """Uses a draft model when one is given (None: only when it needs one)."""
     summary: str = ""
+
+    @property
+    def takes_draft(self) -> bool:
+        return self.needs_draft if self.uses_draft is None else self.uses_draft
 
 
 REGISTRY: dict[str, Method] = {}
@@ -95,6 +107,25 @@ def _ouroboros(setup: Setup) -> Proposer:
                               harvest=config.harvest, context_phrases=config.context_phrases)
 
 
+def _auto(setup: Setup) -> Proposer:
+    from .cost_cache import cost_table
+    from .planning import plan
+    from .proposers.auto import AutoProposer
+
+    draft = setup.draft_runner.model if setup.draft_runner is not None else None
+    table = setup.costs if setup.costs is not None else cost_table(setup.target, draft)
+    chosen = plan(table, len(setup.prompt), setup.max_new_tokens, acceptance=AUTO_ACCEPTANCE, base=setup.config,
+                  has_draft=draft is not None)
+    arms: dict[str, Proposer] = {"vanilla": NullProposer(),
+                                 "prompt_lookup": PromptLookupProposer(chosen.config.gamma, setup.config.max_ngram)}
+    if draft is not None:
+        arms["ouroboros"] = _ouroboros(replace(setup, config=chosen.config))
+    return AutoProposer(arms, chosen, pool=setup.pool, context_phrases=chosen.config.context_phrases)
+
+
+AUTO_ACCEPTANCE = 0.75
+"""The draft's per-token acceptance assumed by auto's plan before decoding (it then observes)."""
+
 register(Method("vanilla", lambda setup: NullProposer(), summary="one token per target forward"))
 register(Method("speculative", _speculative, needs_draft=True, summary="the draft model's greedy chain"))
 register(Method("lookahead", lambda setup: LookaheadProposer(setup.pool, setup.config, seed=setup.prompt),
@@ -103,3 +134,5 @@ register(Method("prompt_lookup", lambda setup: PromptLookupProposer(setup.config
                 summary="n-grams of the context"))
 register(Method("ouroboros", _ouroboros, needs_draft=True,
                 summary="draft model with phrase drafting, branches and phrase harvesting"))
+register(Method("auto", _auto, uses_draft=True,
+                summary="picks and switches among the above per step from measured costs; never slower than plain"))

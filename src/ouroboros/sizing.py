@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -30,9 +29,6 @@ import torch
 from .config import OuroborosConfig
 from .errors import ConfigError
 from .files import write_json_atomically
-from .model_facts import text_config
-from .runner import ModelRunner
-from .tree import DraftTree
 
 FORMAT = "ouroboros-sizing/1"
 MEASURED_TOKENS = (1, 2, 4, 8, 16)
@@ -180,29 +176,11 @@ def _jacobi_sizes(free: int, level: int, pool_size: int) -> tuple[int, int]:
 
 
 def measure(model, tokens=MEASURED_TOKENS, cached: int = 64, repeats: int = 2) -> CostCurve:
-    """Forward cost over k new tokens after `cached` tokens, best of `repeats` (after one warm-up)."""
-    vocab = text_config(model).vocab_size
-    prefix = [(7919 * i + 11) % vocab for i in range(cached)]
-    other = (prefix[-1] + 1) % vocab  # differs from the cached prefix's last token, so rewind drops it
-    runner = ModelRunner(model)
-    seconds = {}
-    with torch.inference_mode():
-        runner.forward(prefix[:-1], DraftTree())
-        runner.keep([])
-        for k in tokens:
-            times = []
-            for _ in range(repeats + 1):
-                tree = DraftTree()
-                tree.add_chain([(31 * i + 5) % vocab for i in range(k - 1)])
-                start = time.perf_counter()
-                runner.forward([other], tree)
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize(model.device)
-                times.append(time.perf_counter() - start)
-                runner.keep([])
-                runner.rewind(prefix[:-1])
-            seconds[k] = min(times[1:])
-    return CostCurve(seconds)
+    """Forward cost over k new tokens after `cached` tokens, best of `repeats` (after a warm-up)."""
+    from .cost_cache import measure_costs
+
+    costs = measure_costs(model, tokens=tokens, cached=(cached,), repeats=repeats)
+    return CostCurve({k: ms / 1000 for k, ms in costs.forward_ms[cached].items()})
 
 
 def draft_agreement(target, draft, tokenizer, text: str = SAMPLE_TEXT) -> float:
@@ -217,14 +195,21 @@ def draft_agreement(target, draft, tokenizer, text: str = SAMPLE_TEXT) -> float:
 
 
 def tune(target, draft, tokenizer=None, *, acceptance: float | None = None, slack: float = 1.25,
-         base: OuroborosConfig | None = None) -> Sizing:
-    """Measure both models on this device and choose sizes; acceptance measured on SAMPLE_TEXT
-    (with `tokenizer`) unless given."""
+         base: OuroborosConfig | None = None, costs=None) -> Sizing:
+    """Choose sizes from both models' cost table on this device (`costs`, or the cached table that
+    `method="auto"` also uses, measured on first use); acceptance measured on SAMPLE_TEXT (with
+    `tokenizer`) unless given."""
+    from .cost_cache import cost_table
+    from .planning import curve
+
     if acceptance is None:
         if tokenizer is None:
             raise ConfigError("give a tokenizer to measure the draft's acceptance, or pass acceptance=")
         acceptance = min(draft_agreement(target, draft, tokenizer), 0.99)
-    return choose(measure(target), measure(draft), acceptance=acceptance, slack=slack, base=base)
+    costs = costs if costs is not None else cost_table(target, draft, progress=True)
+    cached = min(costs.target.forward_ms)
+    return choose(curve(costs.target, cached), curve(costs.draft, cached) if costs.draft else None,
+                  acceptance=acceptance, slack=slack, base=base)
 
 
 def load_config(path: str | os.PathLike) -> OuroborosConfig:

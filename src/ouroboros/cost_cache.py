@@ -1,0 +1,173 @@
+"""Measured cost tables, cached per (model, device, dtype, threads, runner) in the user's cache.
+
+A table is measured once (a few seconds: one prefill per cached length, then forwards of 1..32 new
+tokens after it) and reused by later calls and processes. A cached table is trusted only when
+everything it depends on is unchanged: a different model (weights or config), device, dtype,
+thread count, torch or transformers version means a different file. A corrupt or foreign file is
+refused with a warning that names it and is measured again; a cache directory that cannot be
+written warns once and the table lives in memory only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .costs import CostTable, ModelCosts
+from .errors import ConfigError
+from .files import write_json_atomically
+from .model_facts import vocab_size
+from .runner import ModelRunner
+from .tree import DraftTree
+
+FORMAT = "ouroboros-costs/1"
+COST_CACHE_ENV = "OUROBOROS_COST_CACHE"
+MEASURED_TOKENS = (1, 2, 4, 8, 16, 32)
+MEASURED_CACHED = (64, 512)
+_memory: dict[str, ModelCosts] = {}
+_warned: set[str] = set()
+
+
+def cost_cache_dir() -> Path:
+    """``$OUROBOROS_COST_CACHE`` if set, else ``costs/`` in the package's cache directory."""
+    env = os.environ.get(COST_CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    from .default_pair import default_cache_dir
+
+    return default_cache_dir() / "costs"
+
+
+def fingerprint(model) -> str:
+    """A short hash of what makes one model's costs: class, config and a sample of its weights."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    with torch.inference_mode():
+        for parameter in (next(model.parameters()), list(model.parameters())[-1]):
+            sample = parameter.detach().reshape(-1)[:4096].float().cpu()
+            digest.update(sample.numpy().tobytes())
+            digest.update(str(tuple(parameter.shape)).encode())
+    return digest.hexdigest()[:16]
+
+
+def environment_key(model, runner: str = "eager") -> dict:
+    """Everything a measured cost depends on besides the model itself."""
+    import transformers
+
+    parameter = next(model.parameters())
+    return {"device": str(parameter.device), "dtype": str(parameter.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "runner": runner, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def measure_costs(model, tokens=MEASURED_TOKENS, cached=MEASURED_CACHED, repeats: int = 1) -> ModelCosts:
+    """Forward costs of `model` as it runs in this process: prefill of each length in `cached`, then
+    forwards of k new tokens after it (best of `repeats`, after one untimed warm-up forward)."""
+    vocab = vocab_size(model)
+    prefix = [(7919 * i + 11) % vocab for i in range(max(cached))]
+    other = (prefix[-1] + 1) % vocab  # not the next cached token, so the rewind below drops it
+    forward_ms: dict[int, dict[int, float]] = {}
+    prefill_ms: dict[int, float] = {}
+    with torch.inference_mode():
+        runner = ModelRunner(model)
+        _timed(runner, prefix[:8], [])  # warm-up: first-call allocations
+        for length in sorted(cached):
+            runner.rewind([])
+            prefill_ms[length] = 1000 * _timed(runner, prefix[:length], [])
+            row = {}
+            for k in tokens:
+                chain = [(31 * i + 5) % vocab for i in range(k - 1)]
+                row[k] = 1000 * min(_timed(runner, [other], chain, rewind=prefix[:length]) for _ in range(repeats + 1))
+            forward_ms[length] = row
+    return ModelCosts(forward_ms, prefill_ms)
+
+
+def _timed(runner: ModelRunner, pending: list[int], chain: list[int], rewind: list[int] | None = None) -> float:
+    tree = DraftTree()
+    tree.add_chain(chain)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    start = time.perf_counter()
+    runner.forward(pending, tree)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    seconds = time.perf_counter() - start
+    runner.keep([])
+    if rewind is not None:
+        runner.rewind(rewind)
+    return seconds
+
+
+def model_costs(model, *, runner: str = "eager", cache_dir: str | os.PathLike | None = None,
+                progress: bool = False) -> tuple[ModelCosts, float]:
+    """(costs, seconds spent measuring: 0 when cached) for `model` in this process's setting."""
+    key = {"model": fingerprint(model), **environment_key(model, runner)}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    if name in _memory:
+        return _memory[name], 0.0
+    path = Path(cache_dir) if cache_dir is not None else cost_cache_dir()
+    path = path / f"{name}.json"
+    costs = _read(path, key)
+    if costs is not None:
+        _memory[name] = costs
+        return costs, 0.0
+    if progress:
+        print(f"ouroboros: measuring forward costs of {type(model).__name__} on {key['device']} "
+              f"({key['dtype']}, {key['threads']} threads) once; cached in {path.parent}", flush=True)
+    start = time.perf_counter()
+    costs = measure_costs(model)
+    spent = time.perf_counter() - start
+    _memory[name] = costs
+    try:
+        write_json_atomically(path, {"format": FORMAT, "key": key, "measure_seconds": round(spent, 2),
+                                     **costs.to_dict()}, indent=1)
+    except OSError as exc:
+        _warn_once(str(path.parent), f"cannot write the cost cache {path.parent} ({exc}); costs are kept in "
+                                     "memory for this process only")
+    return costs, spent
+
+
+def _read(path: Path, key: dict) -> ModelCosts | None:
+    """The cached costs if `path` holds a valid table for exactly `key`; None if absent."""
+    if not path.exists():
+        return None
+    try:
+        with open(path) as f:
+            document = json.load(f)
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
+            raise ConfigError("unknown format (expected ouroboros-costs/1)")
+        if document.get("key") != key:
+            raise ConfigError("it was measured for another model or setting")
+        return ModelCosts.from_dict(document)
+    except (OSError, json.JSONDecodeError, ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        warnings.warn(f"ignoring cost file {path}: {exc}; measuring again", stacklevel=3)
+        return None
+
+
+def _warn_once(topic: str, message: str) -> None:
+    if topic not in _warned:
+        _warned.add(topic)
+        warnings.warn(message, stacklevel=3)
+
+
+def cost_table(target, draft=None, *, runner: str = "eager", cache_dir=None, progress: bool = False) -> CostTable:
+    """Costs of the pair as it runs here, measured on first use and cached; `meta["measure_seconds"]`
+    says how long this call spent measuring."""
+    target_costs, spent = model_costs(target, runner=runner, cache_dir=cache_dir, progress=progress)
+    draft_costs = None
+    if draft is not None:
+        draft_costs, more = model_costs(draft, runner=runner, cache_dir=cache_dir, progress=progress)
+        spent += more
+    meta = {"machine": environment_key(target, runner), "measure_seconds": round(spent, 2)}
+    return CostTable(target_costs, draft_costs, meta)
+
+
+def forget_in_memory() -> None:
+    """Drop the in-process copies (tests; a caller that changed threads mid-process)."""
+    _memory.clear()

@@ -1,0 +1,91 @@
+"""The plan of `method="auto"`: which drafting to start with, with which sizes, and why.
+
+Each candidate ("arm") gets a predicted rate, tokens per second, from the measured cost table at
+the cache length the generation will mostly run at and the draft's expected acceptance:
+- vanilla: 1 token per target forward of 1 token;
+- prompt_lookup: context n-grams cost no draft forward; their hit rate is unknown before decoding,
+  so it starts from a modest guess and is learned while decoding;
+- ouroboros: sizes from `sizing.choose` (the same cost model as `ouroboros tune`), with the draft
+  model's prefill spread over the tokens to generate (on a long prompt that prefill may cost more
+  than the draft saves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import OuroborosConfig
+from .costs import CostTable, ModelCosts
+from .sizing import CostCurve, choose
+
+CURVE_TOKENS = (1, 2, 4, 8, 16, 32)
+LOOKUP_PRIOR_TOKENS = 1.25
+"""Tokens per step assumed for prompt lookup before any is observed: a modest hit rate, so that it
+is tried first only where verifying its draft costs little more than one token."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Expected tokens emitted and seconds spent per decoding step of one arm."""
+
+    tokens: float
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    start: str
+    """The arm to start with: "vanilla", "prompt_lookup" or "ouroboros"."""
+    config: OuroborosConfig
+    """Sizes for the ouroboros arm (and gamma for prompt lookup)."""
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+    draft_prefill: float = 0.0
+    """Seconds the draft model's prefill of the prompt is predicted to cost."""
+    reason: str = ""
+
+    def line(self) -> str:
+        """One line for the terminal: the choice, its sizes, and why."""
+        sizes = ""
+        if self.start == "ouroboros":
+            c = self.config
+            sizes = f" (gamma={c.gamma}, window={c.window if c.phrase_drafting else 'off'}, branches={c.branches})"
+        return f"auto: {self.start}{sizes}: {self.reason}"
+
+
+def curve(costs: ModelCosts, cached: int) -> CostCurve:
+    """The table's forward costs at one cache length, as the cost curve `sizing.choose` takes."""
+    return CostCurve({k: costs.forward(k, cached) for k in CURVE_TOKENS})
+
+
+def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptance: float,
+         base: OuroborosConfig, has_draft: bool) -> Plan:
+    cached = prompt_tokens + max_new_tokens // 2
+    target = curve(table.target, cached)
+    one = target.at(1)
+    config = choose(target, None, acceptance=acceptance, base=base).config
+    lookup_guess = Estimate(LOOKUP_PRIOR_TOKENS, target.at(1 + config.gamma))
+    estimates = {"vanilla": Estimate(1.0, one), "prompt_lookup": lookup_guess}
+    draft_prefill = 0.0
+    if has_draft and table.draft is not None:
+        sizing = choose(target, curve(table.draft, cached), acceptance=acceptance, base=base)
+        config = sizing.config
+        draft_prefill = table.draft.prefill(prompt_tokens)
+        speedup = sizing.predicted.get("ouroboros", 0.0)
+        per_token = one / speedup + draft_prefill / max_new_tokens if speedup > 0 else float("inf")
+        estimates["ouroboros"] = Estimate(1.0, per_token)
+    best = max(estimates, key=lambda arm: (estimates[arm].rate, arm == "vanilla"))
+    vanilla = estimates["vanilla"].rate
+    if best == "ouroboros":
+        reason = (f"predicted {estimates[best].rate / vanilla:.2f}x plain decoding from the measured costs "
+                  f"(target over 16 tokens = {target.at(16) / one:.2f}x one token) and acceptance {acceptance:.2f}")
+    elif "ouroboros" in estimates:
+        reason = (f"the draft model is predicted at {estimates['ouroboros'].rate / vanilla:.2f}x plain decoding "
+                  f"(target over 16 tokens = {target.at(16) / one:.2f}x one token, draft prefill "
+                  f"{draft_prefill:.2f} s); context n-grams are tried while decoding")
+    else:
+        reason = "no draft model; context n-grams are tried while decoding"
+    return Plan(best, config, estimates, draft_prefill, reason)

@@ -1,0 +1,121 @@
+"""method="auto": exact whatever it chooses, and it chooses by what each choice is observed to cost."""
+
+import time
+
+import pytest
+import torch
+from tiny_models import perturbed, tiny_model
+from transformers import LlamaForCausalLM
+
+from ouroboros import generate
+from ouroboros.costs import CostTable, ModelCosts
+
+VOCAB = 61
+PROMPT = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]])
+
+
+class Delayed(LlamaForCausalLM):
+    """A stock Llama whose every forward first waits `delay` seconds: a slow device, on demand."""
+
+    delay = 0.0
+
+    def forward(self, *args, cache=None, **kwargs):
+        time.sleep(self.delay)
+        return super().forward(*args, cache=cache, **kwargs)
+
+
+def delayed(model, delay):
+    copy = Delayed(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    copy.generation_config.eos_token_id = model.generation_config.eos_token_id
+    copy.delay = delay
+    return copy
+
+
+def synthetic(target_one, target_slope, draft_one, prefill_per_token=0.001):
+    """A cost table (ms) with forward(k) = one + slope * (k - 1) at every cache length."""
+    def costs(one, slope):
+        row = {k: one + slope * (k - 1) for k in (1, 2, 4, 8, 16, 32)}
+        prefill = {p: p * prefill_per_token * 1000 for p in (16, 1024)}
+        return ModelCosts({64: row, 512: row}, prefill)
+    return CostTable(costs(target_one, target_slope), costs(draft_one, draft_one * 0.01))
+
+
+def greedy(target, ids, n):
+    return target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                           eos_token_id=None, pad_token_id=0)
+
+
+@pytest.mark.parametrize("draft_kind", ["none", "same", "perturbed", "other"])
+def test_auto_equals_greedy_generate(draft_kind):
+    target = tiny_model("llama", seed=0, vocab=VOCAB)
+    draft = {"none": None, "same": target, "perturbed": perturbed(target, scale=0.05),
+             "other": tiny_model("llama", seed=7, vocab=VOCAB)}[draft_kind]
+    ref = greedy(target, PROMPT, 50)
+    for n in (1, 2, 17, 50):
+        out = generate(target, PROMPT, draft=draft, method="auto", max_new_tokens=n, eos_token_id=[])
+        assert torch.equal(out.sequences, ref[:, :PROMPT.shape[1] + n]), (draft_kind, n)
+        assert out.stats.plan.startswith("auto: ")
+        assert sum(v for k, v in out.stats.events.items() if k.startswith("auto_") and k.endswith("_steps")) == \
+            out.stats.target_forwards
+
+
+def test_a_draft_slower_than_it_saves_is_dropped_and_output_stays_exact():
+    """The plan (from a table that calls the draft cheap) starts with the draft; the draft is in
+    fact slow (40 ms a forward against 4 ms for the target), so auto falls back after seeing it."""
+    target = delayed(tiny_model("llama", seed=0, vocab=VOCAB), 0.004)
+    draft = delayed(perturbed(target, scale=0.05), 0.040)
+    optimistic = synthetic(target_one=4, target_slope=0.02, draft_one=0.2)
+    out = generate(target, PROMPT, draft=draft, method="auto", max_new_tokens=60, eos_token_id=[], costs=optimistic)
+    assert out.stats.plan.startswith("auto: ouroboros")
+    assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
+    events = out.stats.events
+    assert events.get("auto_fallbacks", 0) + events.get("auto_switches", 0) >= 1
+    # the first step (with the target's prefill) is not judged; the next one shows the draft is slow
+    assert events.get("auto_ouroboros_steps", 0) <= 3, events
+    assert out.stats.target_forwards - events.get("auto_ouroboros_steps", 0) > events.get("auto_ouroboros_steps", 0)
+
+
+def test_auto_returns_to_the_draft_once_it_pays():
+    """A draft that is slow for its first forwards and then fast (a cold cache, another tenant
+    leaving): auto probes it again later and moves back to it."""
+    # a model and prompt whose output seldom repeats itself, so context n-grams cannot stand in
+    target = delayed(tiny_model("llama", seed=2, vocab=1000, hidden=64), 0.010)
+    draft = delayed(target, 0.050)  # the target's own weights: every draft is accepted
+    prompt = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(1))
+    forwards = {"n": 0}
+
+    def slow_then_fast(module, args, kwargs):
+        forwards["n"] += 1
+        module.delay = 0.050 if forwards["n"] <= 12 else 0.0
+
+    draft.register_forward_pre_hook(slow_then_fast, with_kwargs=True)
+    table = synthetic(target_one=10, target_slope=0.05, draft_one=0.5)
+    out = generate(target, prompt, draft=draft, method="auto", max_new_tokens=120, eos_token_id=[], costs=table)
+    assert torch.equal(out.sequences, greedy(target, prompt, 120))
+    events = out.stats.events
+    assert events.get("auto_probes", 0) >= 1 and events.get("auto_ouroboros_steps", 0) >= 5, events
+    assert out.stats.mean_accepted > 2
+
+
+def test_where_extra_tokens_cost_full_price_auto_plans_plain_decoding_and_never_runs_a_useless_draft():
+    """AVX2-like costs (k tokens cost k times one) and an unrelated draft: plain decoding from the
+    start, and the draft model never runs, not even its prefill."""
+    target = tiny_model("llama", seed=0, vocab=VOCAB)
+    useless = tiny_model("llama", seed=7, vocab=VOCAB)
+    avx2 = synthetic(target_one=100, target_slope=100, draft_one=40)
+    out = generate(target, PROMPT, draft=useless, method="auto", max_new_tokens=60, eos_token_id=[], costs=avx2)
+    assert out.stats.plan.startswith("auto: vanilla")
+    assert out.stats.draft_forwards == 0
+    assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
+
+
+def test_a_draft_prefill_that_costs_more_than_it_can_save_is_skipped():
+    """Free extra tokens, but a long prompt whose draft prefill (here 10 s) dwarfs a short answer."""
+    target = tiny_model("llama", seed=0, vocab=VOCAB)
+    draft = perturbed(target, scale=0.02)
+    costly_prefill = synthetic(target_one=100, target_slope=0.5, draft_one=30, prefill_per_token=0.625)
+    out = generate(target, PROMPT, draft=draft, method="auto", max_new_tokens=8, eos_token_id=[],
+                   costs=costly_prefill)
+    assert "draft prefill" in out.stats.plan and not out.stats.plan.startswith("auto: ouroboros")
+    assert out.stats.draft_forwards == 0
