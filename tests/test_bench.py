@@ -256,6 +256,18 @@ def test_interrupted_run_keeps_completed_prompts(pair, questions, tmp_path, caps
     assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler
 
 
+def test_target_alone_runs_the_methods_without_a_draft(questions, tmp_path, capsys):
+    target, _ = save_tiny_pair(tmp_path / "pair")
+    alone = ["--target", str(target), "--dtype", "float32", "--threads", "1"]
+    out = tmp_path / "out"
+    assert bench(alone, "--questions", str(questions), "--num-prompts", "1", "--methods",
+                 "vanilla,prompt_lookup,lookahead", "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["runs"][0]["overall"]["lookahead"]["draft_forwards_per_token"] == 0
+    assert bench(alone, "--questions", str(questions), "--methods", "prompt_lookup,speculative") == 2
+    assert "speculative needs a draft model: give both --target and --draft" in capsys.readouterr().err
+
+
 def test_a_table_column_is_one_entry():
     """A new figure (e.g. a replayed cost) shows in the table by adding one Column."""
     from ouroboros.bench import TABLE_COLUMNS, Column, format_table

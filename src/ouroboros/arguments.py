@@ -22,7 +22,9 @@ EXTRAS = {"serve": ("fastapi", "uvicorn", "pydantic", "starlette"), "bench": ("m
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that loads the model pair."""
     parser.add_argument("--target", help="target model directory (default: the built-in Qwen2.5-Coder 1.5B)")
-    parser.add_argument("--draft", help="draft model directory (default: the built-in Qwen2.5-Coder 0.5B)")
+    parser.add_argument("--draft", help="draft model directory, for the methods that use one (speculative, ouroboros); "
+                                        "without --target: the built-in Qwen2.5-Coder 0.5B, which fits only the "
+                                        "built-in target")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     parser.add_argument("--device", default="cpu", help="torch device for both models (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -36,10 +36,11 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
 
 def load_pair(target: str | os.PathLike | None = None, draft: str | os.PathLike | None = None, *,
               dtype: str | torch.dtype = "bfloat16", device: str = "cpu", progress: bool = True):
-    """(target, draft, tokenizer) from two local model directories, or the built-in pair when both
-    are None. Models are in eval mode with sdpa attention (needed for tree masks)."""
-    if (target is None) != (draft is None):
-        raise InvalidArgumentError("give both a target and a draft path, or neither to use the built-in default pair")
+    """(target, draft, tokenizer) from local model directories, or the built-in pair when both are
+    None; a target alone gives draft None (for the methods that need no draft). Models are in eval
+    mode with sdpa attention (needed for tree masks)."""
+    if target is None and draft is not None:
+        raise InvalidArgumentError("a draft path needs a target path too: give both, or neither for the built-in pair")
     if target is None:
         return load_default_pair(dtype, progress=progress, device=device)
     return load_dirs(target, draft, dtype=dtype, device=device, progress=progress)
