@@ -229,7 +229,7 @@ def test_interrupted_run_keeps_completed_prompts(pair, questions, tmp_path, caps
     import os
     import signal
 
-    import ouroboros.bench as bench_module
+    import ouroboros.bench.running as bench_module
 
     real_run_question = bench_module.run_question
     calls = []
@@ -254,3 +254,29 @@ def test_interrupted_run_keeps_completed_prompts(pair, questions, tmp_path, caps
     assert (out / "speedup.png").stat().st_size > 0
     assert "interrupted; figures cover the 1 completed prompts" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler
+
+
+def test_target_alone_runs_the_methods_without_a_draft(questions, tmp_path, capsys):
+    target, _ = save_tiny_pair(tmp_path / "pair")
+    alone = ["--target", str(target), "--dtype", "float32", "--threads", "1"]
+    out = tmp_path / "out"
+    assert bench(alone, "--questions", str(questions), "--num-prompts", "1", "--methods",
+                 "vanilla,prompt_lookup,lookahead", "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["runs"][0]["overall"]["lookahead"]["draft_forwards_per_token"] == 0
+    assert bench(alone, "--questions", str(questions), "--methods", "prompt_lookup,speculative") == 2
+    assert "speculative needs a draft model: give both --target and --draft" in capsys.readouterr().err
+
+
+def test_a_table_column_is_one_entry():
+    """A new figure (e.g. a replayed cost) shows in the table by adding one Column."""
+    from ouroboros.bench import TABLE_COLUMNS, Column, format_table
+
+    figures = {"tokens_per_second": 10.0, "speedup": 1.5, "mean_accepted": 2.0, "target_forwards_per_token": 0.5,
+               "draft_forwards_per_token": 2.0, "identical_share": 1.0, "divergences": [], "replayed": 0.25}
+    run = {"temperature": 0.0, "sampling": False, "overall": {"ouroboros": figures}, "categories": {"qa": {}}}
+    plain = format_table(run, 1, 8).splitlines()
+    extended = format_table(run, 1, 8, TABLE_COLUMNS + (Column("replayed ms", 12, lambda f: f["replayed"]),))
+    extended = extended.splitlines()
+    assert extended[3] == plain[3] + f"{'replayed ms':>12}" and extended[4] == plain[4] + f"{'0.25':>12}"
+    assert plain[4].split() == ["ouroboros", "10.00", "1.50x", "2.00", "0.50", "2.00", "100%"]

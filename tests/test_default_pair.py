@@ -24,8 +24,8 @@ from ouroboros.default_pair import (
     Part,
     default_cache_dir,
     default_pair_dirs,
-    load_default_pair,
 )
+from ouroboros.loading import load_default_pair
 
 _counter = itertools.count()
 
@@ -403,3 +403,26 @@ def test_real_default_pair_loads():
     assert target_logits.shape[-1] == draft_logits.shape[-1] == target.config.vocab_size == draft.config.vocab_size
     assert torch.isfinite(target_logits).all() and torch.isfinite(draft_logits).all()
     assert target_dir.name == DEFAULT_PAIR.target.dir_name and draft_dir.name == DEFAULT_PAIR.draft.dir_name
+
+
+def test_default_pair_goes_through_the_same_loader(tmp_path, monkeypatch):
+    """The built-in pair gets the checks and the attention implementation that --target/--draft get."""
+    from tiny_models import save_tiny_pair, tiny_tokenizer
+
+    import ouroboros.loading
+    from ouroboros.errors import ModelNotFoundError
+
+    target_dir, draft_dir = save_tiny_pair(tmp_path)
+    monkeypatch.setattr(ouroboros.loading, "default_pair_dirs", lambda *args, **kwargs: (target_dir, draft_dir))
+    target, draft, _ = load_default_pair(dtype=torch.float32, progress=False)
+    assert target.config._attn_implementation == draft.config._attn_implementation == "sdpa"
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(draft_dir)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        load_default_pair(dtype=torch.float32, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(ouroboros.loading, "default_pair_dirs", lambda *args, **kwargs: (empty, draft_dir))
+    with pytest.raises(ModelNotFoundError, match="no model in"):
+        load_default_pair(progress=False)

@@ -115,3 +115,135 @@ def test_cli_generate_streams_text_and_prints_a_summary(tmp_path, capsys):
 def test_cli_errors_name_the_problem(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# --- what a new user trips on: one clear line before anything loads, bugs keep their traceback ---------------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command gets as far as loading models."""
+    import ouroboros.loading
+
+    def load_pair(*args, **kwargs):
+        raise AssertionError("models were loaded before the arguments were checked")
+
+    monkeypatch.setattr(ouroboros.loading, "load_pair", load_pair)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--device", "cuda", "hi"], "--device cuda: torch"),
+    (["generate", "--device", "cuda:1", "hi"], "sees no cuda device"),
+    (["generate", "--device", "tpu", "hi"], "--device 'tpu' is not a torch device"),
+    (["tune", "--device", "cuda"], "sees no cuda device"),
+    (["generate", "--max-new-tokens", "-1", "hi"], "--max-new-tokens must be >= 1, got -1"),
+    (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens must be >= 1"),
+    (["generate", "--threads", "0", "hi"], "--threads must be >= 1"),
+    (["generate", "--top-k", "-1", "hi"], "top_k"),
+    (["tune", "--slack", "0.5"], "--slack must be >= 1"),
+    (["generate", "--draft", "/some/draft", "hi"], "--draft needs --target"),
+    (["generate", "--target", "/t", "--method", "speculative", "hi"], "--method speculative needs a draft model"),
+    (["tune", "--target", "/t"], "tune (it measures the draft too) needs a draft model"),
+])
+def test_cli_refuses_bad_options_in_one_line_before_loading(argv, message, no_loading, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("make", [lambda d: None, lambda d: (d / "tokenizer.json").write_text("{}")])
+def test_a_directory_without_a_model_says_so(tmp_path, capsys, make):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    make(empty)
+    _, draft_dir = save_tiny_pair(tmp_path)
+    assert main(["generate", "--target", str(empty), "--draft", str(draft_dir), "hi"]) == 2
+    assert f"no model in '{empty}'" in capsys.readouterr().err
+    from ouroboros.errors import ModelNotFoundError
+    from ouroboros.loading import load_pair
+
+    with pytest.raises(ModelNotFoundError, match="no model in"):
+        load_pair(draft_dir, empty)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "prompt_lookup", "lookahead"])
+def test_target_alone_runs_the_methods_without_a_draft(tmp_path, capsys, method):
+    target_dir, _ = save_tiny_pair(tmp_path)
+    assert main(["generate", "--target", str(target_dir), "--method", method, "--dtype", "float32",
+                 "--max-new-tokens", "4", "hello"]) == 0
+    assert f"[{method}] 4 tokens" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_stream_with_a_partial_summary(tmp_path, capsys, monkeypatch):
+    import ouroboros.generation
+
+    real_step = ouroboros.generation.decode_step
+    steps = []
+
+    def interrupted_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ouroboros.generation, "decode_step", interrupted_step)
+    target_dir, _ = save_tiny_pair(tmp_path)
+    assert main(["generate", "--target", str(target_dir), "--method", "vanilla", "--dtype", "float32",
+                 "--max-new-tokens", "20", "hello"]) == 130
+    err = capsys.readouterr().err
+    assert "[vanilla] interrupted after 3 tokens in " in err and "tokens/s" in err
+
+
+@pytest.mark.parametrize("bug", [TypeError("a bug"), RuntimeError("a bug")])
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
+    import ouroboros.generation
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(ouroboros.generation, "generate", broken)
+    target_dir, _ = save_tiny_pair(tmp_path)
+    with pytest.raises(type(bug), match="a bug"):
+        main(["generate", "--target", str(target_dir), "--method", "vanilla", "--dtype", "float32", "hi"])
+
+
+def test_a_missing_extra_is_named_only_when_its_own_package_is_missing(capsys):
+    import argparse
+
+    from ouroboros.cli import add_optional_parser
+
+    def missing(name):
+        def load():
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return load
+
+    parser = argparse.ArgumentParser(prog="ouroboros")
+    sub = parser.add_subparsers(dest="command")
+    add_optional_parser(sub, "serve", "serve", missing("fastapi.responses"))
+    args = parser.parse_args(["serve", "--port", "1"])
+    from ouroboros.errors import MissingExtraError
+
+    with pytest.raises(MissingExtraError, match=r"'fastapi.responses'.*pip install \"ouroboros-decoding\[serve\]\""):
+        args.func(args)
+    with pytest.raises(ModuleNotFoundError, match="numpy_typo"):
+        add_optional_parser(sub, "serve2", "serve", missing("numpy_typo"))
+
+
+def test_version_and_help(capsys):
+    from ouroboros import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"ouroboros {__version__}"
+    helps = {}
+    for command in ("generate", "tune", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "speed summary" in helps["generate"] and "ouroboros tune" in helps["generate"]
+    assert "decoding method (default: ouroboros)" in helps["generate"]
+    assert "speculative (the draft model's greedy chain, needs a draft)" in helps["generate"]
+    assert "or at EOS (default: 128)" in helps["generate"]
+    assert "fits only the built-in target" in helps["generate"]
+    assert "Measure the target's and draft's forward cost" in helps["tune"]
+    assert "side by side on the same prompts" in helps["bench"]

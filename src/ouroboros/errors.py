@@ -31,3 +31,7 @@ class UnsupportedModelError(OuroborosError, TypeError):
 
 class ModelNotFoundError(OuroborosError, FileNotFoundError):
     """A model path holds no model."""
+
+
+class MissingExtraError(OuroborosError, ImportError):
+    """A feature's optional packages are not installed; the message names the pip extra to install."""

@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from .errors import InvalidArgumentError
+from .default_pair import DEFAULT_PAIR, Converter, PairSpec, default_pair_dirs, transformers_progress
+from .errors import InvalidArgumentError, ModelNotFoundError
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -35,22 +36,47 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
 
 def load_pair(target: str | os.PathLike | None = None, draft: str | os.PathLike | None = None, *,
               dtype: str | torch.dtype = "bfloat16", device: str = "cpu", progress: bool = True):
-    """(target, draft, tokenizer) from two local model directories, or the built-in pair when both
-    are None. Models are in eval mode with sdpa attention (needed for tree masks)."""
+    """(target, draft, tokenizer) from local model directories, or the built-in pair when both are
+    None; a target alone gives draft None (for the methods that need no draft). Models are in eval
+    mode with sdpa attention (needed for tree masks)."""
+    if target is None and draft is not None:
+        raise InvalidArgumentError("a draft path needs a target path too: give both, or neither for the built-in pair")
+    if target is None:
+        return load_default_pair(dtype, progress=progress, device=device)
+    return load_dirs(target, draft, dtype=dtype, device=device, progress=progress)
+
+
+def load_default_pair(dtype: str | torch.dtype = torch.bfloat16, cache_dir: str | os.PathLike | None = None,
+                      progress: bool = True, *, device: str = "cpu", spec: PairSpec = DEFAULT_PAIR,
+                      converter: Converter | None = None):
+    """(target, draft, tokenizer) of the built-in pair (converted on first use), through the same
+    loader and checks as any other pair. `spec` and `converter` let tests use small fake parts."""
+    target, draft = default_pair_dirs(cache_dir, progress, spec=spec, converter=converter)
+    return load_dirs(target, draft, dtype=dtype, device=device, progress=progress)
+
+
+def check_model_dir(role: str, path: str | os.PathLike) -> None:
+    """Refuse a path that holds no model, before a tokenizer error would blame a missing package."""
+    if not os.path.isdir(path):
+        raise ModelNotFoundError(f"{role} model directory not found: {os.fspath(path)!r}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelNotFoundError(f"no model in {os.fspath(path)!r}: the {role} directory has no config.json")
+
+
+def load_dirs(target: str | os.PathLike, draft: str | os.PathLike | None, *, dtype: str | torch.dtype,
+              device: str, progress: bool):
+    """The one loader: checks both directories and the shared tokenizer, then loads each model with
+    sdpa attention in eval mode. `draft=None` loads the target alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (target is None) != (draft is None):
-        raise InvalidArgumentError("give both a target and a draft path, or neither to use the built-in default pair")
-    if target is None:
-        from .default_pair import default_pair_dirs
-
-        target, draft = default_pair_dirs(progress=progress)
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    for name, path in (("target", target), ("draft", draft)):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{name} model directory not found: {os.fspath(path)!r}")
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(draft))
-    models = [AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-              for path in (target, draft)]
-    return models[0], models[1], tokenizer
+    paths = [target] if draft is None else [target, draft]
+    for role, path in zip(("target", "draft"), paths):
+        check_model_dir(role, path)
+    with transformers_progress(progress):
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        if draft is not None:
+            check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(draft))
+        models = [AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+                  for path in paths]
+    return models[0], (models[1] if draft is not None else None), tokenizer

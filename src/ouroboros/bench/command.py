@@ -1,0 +1,195 @@
+"""`ouroboros bench`: every method side by side on the same prompts, the Spec-Bench way.
+
+Fairness rules this follows (see the project's benchmarking notes): one run, one machine, methods
+interleaved per prompt so that machine drift hits all of them alike; new tokens counted the same way
+for every method (up to and including the first EOS); wall time measured around each call, prefill
+included, for every method; one untimed warm-up per method; cold and warm phrase pools reported
+apart; HF baselines called with explicit greedy (or sampling) settings so that a model's own
+generation_config defaults cannot change what "greedy" means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..arguments import (
+    add_config_arguments,
+    add_model_arguments,
+    apply_threads,
+    check_minimums,
+    check_model_arguments,
+    config_from_args,
+    require_module,
+)
+from ..errors import InvalidArgumentError
+from ..loading import load_pair
+from ..model_facts import context_length, eos_token_ids
+from .datasets import Question, load_questions, prompt_ids
+from .reporting import AnswerFiles, aggregate, format_table, plot_speedups, write_results
+from .running import (
+    ABLATION_SWITCHES,
+    BASELINE,
+    COUNTING_NOTE,
+    DEFAULT_METHODS,
+    TIMING_NOTE,
+    WARMUP_TOKENS,
+    Bench,
+    contestants,
+    resolve_methods,
+    run_comparison,
+)
+
+
+def check_numbers(args: argparse.Namespace) -> list[float]:
+    """Reject bad numbers before any model is loaded; returns the temperatures."""
+    check_minimums(("--num-prompts", args.num_prompts, 1), ("--start", args.start, 0),
+                   ("--max-new-tokens", args.max_new_tokens, 1), ("--per-category", args.per_category, 1))
+    temperatures = args.temperature
+    for t in temperatures:
+        if not math.isfinite(t) or t < 0:
+            raise InvalidArgumentError(f"--temperature must be a finite number >= 0, got {t}")
+    if len(set(temperatures)) != len(temperatures):
+        raise InvalidArgumentError(f"--temperature lists a value twice: {temperatures}")
+    if not (0 < args.top_p <= 1):
+        raise InvalidArgumentError(f"--top-p must be in (0, 1], got {args.top_p}")
+    return temperatures
+
+
+def pad_id(tokenizer, eos_ids: list[int]) -> int:
+    """A pad id for HF's generate (it warns without one): the tokenizer's, else the first EOS."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return eos_ids[0] if eos_ids else 0
+
+
+def check_lengths(bench: Bench, questions: list[Question]) -> None:
+    """Fail before the run, naming the question, if a first turn cannot fit the target's context."""
+    limit = context_length(bench.target)
+    if limit is None:
+        return
+    for question in questions:
+        length = len(prompt_ids(bench.tokenizer, bench.chat, question, []))
+        if length + bench.max_new_tokens > limit:
+            raise InvalidArgumentError(f"question {question.question_id!r}: prompt ({length} tokens) + "
+                                       f"--max-new-tokens ({bench.max_new_tokens}) exceeds the target's context "
+                                       f"of {limit} tokens")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    temperatures = check_numbers(args)
+    methods = resolve_methods(args)
+    drafted = [m.name for m in methods if m.needs_draft]
+    check_model_arguments(args, needs_draft=bool(drafted), what=", ".join(drafted))
+    dataset, questions = load_questions(args)
+    require_module("matplotlib", "bench", "the speedup chart")
+    apply_threads(args)
+    target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    chat = dataset == "specbench"
+    if chat and not tokenizer.chat_template:
+        print("ouroboros bench: warning: the target tokenizer has no chat template; using the raw questions",
+              file=sys.stderr)
+        chat = False
+    eos = eos_token_ids(target, tokenizer=tokenizer)
+    pad = pad_id(tokenizer, eos)
+    bench = Bench(target, draft, tokenizer, eos, pad, chat, args.max_new_tokens, config, args.top_p, args.seed,
+                  args.device)
+    check_lengths(bench, questions)
+    model_id = Path(getattr(target.config, "name_or_path", "") or "target").name
+    out = Path(args.out)
+    (out / "answers").mkdir(parents=True, exist_ok=True)
+
+    runs, answer_files, interrupted = [], {}, False
+    with _sigterm_as_interrupt():
+        for temperature in temperatures:
+            paths = {m.name: out / "answers" / f"{m.name}-temp-{temperature:g}.jsonl" for m in methods}
+            with AnswerFiles(paths, model_id) as answers:
+                records, interrupted = run_comparison(bench, questions, methods, temperature, answers.write)
+            if interrupted:
+                print(f"\nouroboros bench: interrupted; figures cover the {len(records)} completed prompts",
+                      file=sys.stderr)
+            if records:
+                run = aggregate(records, methods, temperature)
+                run["completed_prompts"] = len(records)
+                run["interrupted"] = interrupted
+                runs.append(run)
+                answer_files[f"{temperature:g}"] = {name: os.fspath(path) for name, path in paths.items()}
+                print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n")
+            if interrupted:
+                break
+    if not runs:
+        print("ouroboros bench: interrupted before the first prompt completed; no results written", file=sys.stderr)
+        return 130
+
+    settings = {"dataset": dataset,
+                "questions_file": args.questions, "question_ids": [q.question_id for q in questions],
+                "prompt_format": "chat template" if chat else "raw text", "all_turns": args.all_turns,
+                "max_new_tokens": args.max_new_tokens, "temperatures": temperatures, "top_p": args.top_p,
+                "seed": args.seed, "methods": [m.name for m in methods], "baseline": BASELINE,
+                "config": config.to_dict(), "target": args.target, "draft": args.draft, "model_id": model_id,
+                "dtype": args.dtype, "device": args.device, "eos_token_ids": eos, "pad_token_id": pad,
+                "warm_up": f"one untimed generation of up to {WARMUP_TOKENS} tokens per method per temperature",
+                "timing": TIMING_NOTE, "token_count": COUNTING_NOTE,
+                "hf_forwards": "HF forwards counted with forward pre-hooks; HF accept lengths are not available",
+                "ouroboros_warm": "one phrase pool shared across all prompts of a temperature (warm start)"}
+    files = {"results": os.fspath(out / "results.json"), "chart": os.fspath(out / "speedup.png"),
+             "answers": answer_files}
+    plot_speedups(out / "speedup.png", runs)
+    write_results(out / "results.json", args, settings, runs, files)
+    print(f"results: {files['results']}\nchart: {files['chart']}\nanswers: {out / 'answers'}")
+    return 130 if interrupted else 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Let `kill` (SIGTERM) stop a long background run the way Ctrl-C does, results kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """The `bench` sub-command."""
+    parser = subparsers.add_parser(
+        "bench", help="compare methods side by side on HumanEval or Spec-Bench questions",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("prompts")
+    data.add_argument("--dataset", choices=("humaneval", "specbench"),
+                      help="humaneval (raw code completion) or specbench (chat template); default: specbench "
+                           "when --questions is given, else humaneval")
+    data.add_argument("--questions", help="a question file in Spec-Bench's format (question.jsonl)")
+    data.add_argument("--categories", help="comma list of categories or Spec-Bench groups (e.g. qa,mt_bench)")
+    data.add_argument("--start", type=int, default=0, help="index of the first prompt (after --categories)")
+    data.add_argument("--num-prompts", type=int, default=None, help="how many prompts (default: all)")
+    data.add_argument("--per-category", type=int, default=None,
+                      help="at most this many prompts of each category group, from --start on")
+    data.add_argument("--all-turns", action="store_true", help="run every turn of multi-turn questions "
+                                                                  "(default: the first only)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--methods", help=f"comma list (default: {','.join(DEFAULT_METHODS)}); "
+                                       f"hf_vanilla, the baseline, is always run; choices: {', '.join(contestants())}")
+    run.add_argument("--ablation", action="store_true",
+                     help="ouroboros with each of " + ", ".join(ABLATION_SWITCHES) + " off in turn, "
+                          "beside full ouroboros and hf_vanilla")
+    run.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
+    run.add_argument("--temperature", type=float, nargs="+", default=[0.0],
+                     help="one or more; 0 (default) is greedy, each value is a full comparison")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0 (default 1)")
+    run.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every method on a prompt")
+    run.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
+    add_model_arguments(parser)
+    add_config_arguments(parser)
+    parser.set_defaults(func=cmd_bench)
+    return parser
