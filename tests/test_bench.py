@@ -280,3 +280,33 @@ def test_a_table_column_is_one_entry():
     extended = extended.splitlines()
     assert extended[3] == plain[3] + f"{'replayed ms':>12}" and extended[4] == plain[4] + f"{'0.25':>12}"
     assert plain[4].split() == ["ouroboros", "10.00", "1.50x", "2.00", "0.50", "2.00", "100%"]
+
+
+def test_costs_replay_each_method_on_a_cost_table(pair, questions, tmp_path, capsys):
+    """--costs prices every method's forwards on a table: hf_vanilla replays as plain decoding
+    (so its replayed speedup is 1), engine methods from their forward logs, HF's others not at all."""
+    row = {k: 100.0 + k for k in (1, 2, 4, 8, 16, 32)}
+    table = {"target": {"forward_ms": {"64": row, "512": row}, "prefill_ms": {"16": 200.0, "1024": 2000.0}},
+             "draft": {"forward_ms": {"64": row}, "prefill_ms": {"16": 100.0, "1024": 1000.0}}}
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(table))
+    out = tmp_path / "out"
+    methods = "hf_vanilla,hf_assisted,vanilla,prompt_lookup,ouroboros,auto"
+    assert bench(pair, "--questions", str(questions), "--num-prompts", "2", "--methods", methods,
+                 "--costs", str(costs), "--out", str(out)) == 0
+    assert "replayed x" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["settings"]["replayed_on"]["costs"] == str(costs)
+    figures = results["runs"][0]["overall"]
+    assert figures["hf_vanilla"]["replayed_speedup"] == pytest.approx(1.0)
+    assert figures["vanilla"]["replayed_speedup"] == pytest.approx(1.0)  # the same forwards as HF greedy
+    assert figures["hf_assisted"]["replayed_tokens_per_second"] is None
+    for name in ("prompt_lookup", "ouroboros", "auto"):
+        assert figures[name]["replayed_tokens_per_second"] > 0
+
+
+def test_a_bad_cost_file_is_refused_before_the_run(pair, questions, tmp_path, capsys):
+    costs = tmp_path / "broken.json"
+    costs.write_text("{truncated")
+    assert bench(pair, "--questions", str(questions), "--costs", str(costs), "--out", str(tmp_path / "o")) == 2
+    assert "broken.json" in capsys.readouterr().err

@@ -107,7 +107,7 @@ def test_cli_generate_streams_text_and_prints_a_summary(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--gamma", "0", "hi"], "gamma"),
     (["generate", "--target", "/nonexistent/t", "--draft", "/nonexistent/d", "hi"], "not found"),
-    (["generate", "--target", "/nonexistent/t", "hi"], "give both"),
+    (["generate", "--method", "ouroboros", "--target", "/nonexistent/t", "hi"], "give both"),
     (["generate", "--dtype", "float8", "--target", "/a", "--draft", "/b", "hi"], "dtype"),
     (["generate", "   "], "prompt is empty"),
     (["generate", "--temperature", "-1", "--target", "/a", "--draft", "/b", "hi"], "temperature"),
@@ -241,7 +241,7 @@ def test_version_and_help(capsys):
             main([command, "--help"])
         helps[command] = " ".join(capsys.readouterr().out.split())
     assert "speed summary" in helps["generate"] and "ouroboros tune" in helps["generate"]
-    assert "decoding method (default: ouroboros)" in helps["generate"]
+    assert "decoding method (default: auto)" in helps["generate"]
     assert "speculative (the draft model's greedy chain, needs a draft)" in helps["generate"]
     assert "or at EOS (default: 128)" in helps["generate"]
     assert "fits only the built-in target" in helps["generate"]

@@ -20,6 +20,10 @@ from .arguments import (
 from .errors import InvalidArgumentError, OuroborosError
 from .methods import METHODS, get_method
 
+DEFAULT_METHOD = "auto"
+"""The CLI and the server default to auto: it is never slower than plain decoding on any machine.
+The Python API keeps "ouroboros" (the method a caller of this library asks for by name)."""
+
 GENERATE_DESCRIPTION = """Generate text from a prompt, streamed to stdout, then a one-line speed summary on stderr
 (tokens/s, tokens per target forward). The output is exactly the target's own greedy (or sampled)
 decoding, whatever the method; only the speed differs, and it depends on the machine: `ouroboros
@@ -58,6 +62,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"{streamer.new_tokens / seconds if seconds > 0 else 0.0:.2f} tokens/s", file=sys.stderr)
         return 130
     s = out.stats
+    if s.plan:
+        print(f"\n{s.plan}", file=sys.stderr)
     print(f"\n[{args.method}] {s.new_tokens} tokens in {s.wall_time:.2f} s: {s.tokens_per_second:.2f} tokens/s, "
           f"{s.mean_accepted:.2f} tokens per target forward ({s.target_forwards} target, "
           f"{s.draft_forwards} draft forwards)", file=sys.stderr)
@@ -123,7 +129,7 @@ def method_help() -> str:
     """--method's help, from the registry: each method's summary and whether it needs a draft."""
     entries = [f"{name} ({get_method(name).summary}{', needs a draft' if get_method(name).needs_draft else ''})"
                for name in METHODS]
-    return "decoding method (default: ouroboros): " + "; ".join(entries)
+    return f"decoding method (default: {DEFAULT_METHOD}): " + "; ".join(entries)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text, streamed, with a speed summary",
                          description=GENERATE_DESCRIPTION)
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--method", default="ouroboros", choices=METHODS, help=method_help())
+    gen.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help=method_help())
     gen.add_argument("--max-new-tokens", type=int, default=128,
                      help="stop after this many new tokens, or at EOS (default: 128)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,

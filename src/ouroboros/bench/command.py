@@ -28,6 +28,8 @@ from ..arguments import (
     config_from_args,
     require_module,
 )
+from ..cost_cache import cost_table
+from ..costs import CostTable
 from ..errors import InvalidArgumentError
 from ..loading import load_pair
 from ..model_facts import context_length, eos_token_ids
@@ -82,6 +84,20 @@ def check_lengths(bench: Bench, questions: list[Question]) -> None:
                                        f"of {limit} tokens")
 
 
+REPLAY_NOTE = ("replayed figures: each method's forwards (tokens fed, tokens cached) priced on the cost table; "
+               "an estimate of that table's machine, not a measurement; hf_vanilla replayed as its prefill plus "
+               "one single-token forward per further token; HF assisted and prompt lookup cannot be replayed")
+
+
+def replay_table(costs: str | None, target, draft) -> CostTable | None:
+    """--costs: a cost file, or "here" for this machine's measured (cached) table."""
+    if costs is None:
+        return None
+    if costs == "here":
+        return cost_table(target, draft, progress=True)
+    return CostTable.load(costs)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     temperatures = check_numbers(args)
@@ -102,6 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench = Bench(target, draft, tokenizer, eos, pad, chat, args.max_new_tokens, config, args.top_p, args.seed,
                   args.device)
     check_lengths(bench, questions)
+    costs = replay_table(args.costs, target, draft)
     model_id = Path(getattr(target.config, "name_or_path", "") or "target").name
     out = Path(args.out)
     (out / "answers").mkdir(parents=True, exist_ok=True)
@@ -116,7 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"\nouroboros bench: interrupted; figures cover the {len(records)} completed prompts",
                       file=sys.stderr)
             if records:
-                run = aggregate(records, methods, temperature)
+                run = aggregate(records, methods, temperature, costs)
                 run["completed_prompts"] = len(records)
                 run["interrupted"] = interrupted
                 runs.append(run)
@@ -138,7 +155,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "warm_up": f"one untimed generation of up to {WARMUP_TOKENS} tokens per method per temperature",
                 "timing": TIMING_NOTE, "token_count": COUNTING_NOTE,
                 "hf_forwards": "HF forwards counted with forward pre-hooks; HF accept lengths are not available",
-                "ouroboros_warm": "one phrase pool shared across all prompts of a temperature (warm start)"}
+                "ouroboros_warm": "one phrase pool shared across all prompts of a temperature (warm start)",
+                "replayed_on": None if costs is None else {"costs": args.costs, **costs.meta,
+                                                           "note": REPLAY_NOTE}}
     files = {"results": os.fspath(out / "results.json"), "chart": os.fspath(out / "speedup.png"),
              "answers": answer_files}
     plot_speedups(out / "speedup.png", runs)
@@ -189,6 +208,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0 (default 1)")
     run.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every method on a prompt")
     run.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
+    run.add_argument("--costs", metavar="FILE|here",
+                     help="also report each method's tokens/s replayed on this cost table (e.g. "
+                          "../shared/data/costs/cpu-2core-avx512bf16.json; 'here': this machine's measured "
+                          "table): labelled 'replayed', an estimate for that machine")
     add_model_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(func=cmd_bench)

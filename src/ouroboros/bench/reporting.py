@@ -32,9 +32,17 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def method_figures(records: list[dict], method: Method, greedy: bool) -> dict:
+def _replayed_rate(answer: Answer, costs) -> float | None:
+    """Tokens per second of one answer replayed on `costs`; None without a forward log."""
+    if costs is None or any(turn.forward_log is None for turn in answer.turns):
+        return None
+    return _ratio(answer.new_tokens, sum(costs.replay(turn.forward_log) for turn in answer.turns))
+
+
+def method_figures(records: list[dict], method: Method, greedy: bool, costs=None) -> dict:
     """Spec-Bench figures for one method over some questions: tokens/s per question is
-    sum(new_tokens)/sum(wall_time), then averaged; mean accepted is the mean of all accept lengths."""
+    sum(new_tokens)/sum(wall_time), then averaged; mean accepted is the mean of all accept lengths.
+    With a cost table, the same for the forwards replayed on it ("replayed", never "measured")."""
     answers = [record["answers"][method.name] for record in records]
     per_question = [_ratio(a.new_tokens, a.wall_time) or 0.0 for a in answers]
     tokens = sum(a.new_tokens for a in answers)
@@ -50,7 +58,11 @@ def method_figures(records: list[dict], method: Method, greedy: bool) -> dict:
         "draft_forwards_per_token": _ratio(sum(t.draft_forwards for t in turns), tokens),
         "identical_share": None,
         "divergences": [],
+        "replayed_tokens_per_second": None,
     }
+    replayed = [_replayed_rate(a, costs) for a in answers]
+    if costs is not None and None not in replayed:
+        figures["replayed_tokens_per_second"] = sum(replayed) / len(replayed)
     if greedy:
         if method.name == BASELINE:
             figures["identical_share"] = 1.0
@@ -62,8 +74,9 @@ def method_figures(records: list[dict], method: Method, greedy: bool) -> dict:
     return figures
 
 
-def aggregate(records: list[dict], methods: list[Method], temperature: float) -> dict:
-    """Figures per method, overall and per Spec-Bench group, with speedups over hf_vanilla."""
+def aggregate(records: list[dict], methods: list[Method], temperature: float, costs=None) -> dict:
+    """Figures per method, overall and per Spec-Bench group, with speedups over hf_vanilla (and,
+    with a cost table, replayed speedups over hf_vanilla replayed on the same table)."""
     greedy = temperature == 0
     groups: dict[str, list[dict]] = defaultdict(list)
     for record in records:
@@ -71,12 +84,16 @@ def aggregate(records: list[dict], methods: list[Method], temperature: float) ->
     scopes = {"overall": records, **{name: groups[name] for name in sorted(groups)}}
     result = {}
     for scope, subset in scopes.items():
-        figures = {method.name: method_figures(subset, method, greedy) for method in methods}
+        figures = {method.name: method_figures(subset, method, greedy, costs) for method in methods}
         baseline = figures[BASELINE]["tokens_per_second"]
+        replayed_baseline = figures[BASELINE]["replayed_tokens_per_second"]
         for values in figures.values():
             values["speedup"] = _ratio(values["tokens_per_second"], baseline)
+            replayed = values["replayed_tokens_per_second"]
+            values["replayed_speedup"] = _ratio(replayed, replayed_baseline) if replayed is not None else None
         result[scope] = figures
-    return {"temperature": temperature, "sampling": not greedy, "overall": result.pop("overall"),
+    return {"temperature": temperature, "sampling": not greedy, "replayed": costs is not None,
+            "overall": result.pop("overall"),
             "categories": result, "questions": [question_figures(record) for record in records]}
 
 
@@ -115,6 +132,8 @@ class Column:
     suffix: str = ""
     greedy_only: bool = False
     """Shown only at temperature 0 (e.g. token identity with vanilla, which sampling does not keep)."""
+    replay_only: bool = False
+    """Shown only when the run was replayed on a cost table (`bench --costs`)."""
 
     def cell(self, figures: dict) -> str:
         return f"{_number(self.value(figures), self.form) + self.suffix:>{self.width}}"
@@ -132,13 +151,16 @@ TABLE_COLUMNS = (
     Column("tgt fwd/tok", 12, lambda f: f["target_forwards_per_token"]),
     Column("drf fwd/tok", 12, lambda f: f["draft_forwards_per_token"]),
     Column("identical", 11, _share_percent, form=".0f", suffix="%", greedy_only=True),
+    Column("replayed tok/s", 16, lambda f: f["replayed_tokens_per_second"], replay_only=True),
+    Column("replayed x", 12, lambda f: f["replayed_speedup"], suffix="x", replay_only=True),
 )
 
 
 def format_table(run: dict, questions: int, max_new_tokens: int, columns=TABLE_COLUMNS) -> str:
     """The terminal summary of one temperature: main figures, then speedup per category."""
     mode = "sampling" if run["sampling"] else "greedy"
-    columns = [c for c in columns if not (c.greedy_only and run["sampling"])]
+    columns = [c for c in columns if not (c.greedy_only and run["sampling"])
+               and not (c.replay_only and not run.get("replayed"))]
     lines = [f"temperature {run['temperature']:g} ({mode}), {questions} prompts, up to {max_new_tokens} new tokens",
              f"({TIMING_NOTE}; {COUNTING_NOTE})", ""]
     lines.append(f"{'method':<30}" + "".join(f"{c.header:>{c.width}}" for c in columns))

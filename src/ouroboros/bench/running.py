@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import OuroborosConfig
+from ..costs import vanilla_log
 from ..errors import InvalidArgumentError
 from ..generation import generate
 from ..methods import METHODS, get_method
@@ -62,7 +63,7 @@ def contestants() -> dict[str, Method]:
 
 
 DEFAULT_METHODS = ("hf_vanilla", "hf_assisted", "hf_prompt_lookup", "speculative", "lookahead", "prompt_lookup",
-                   "ouroboros", "ouroboros_warm")
+                   "ouroboros", "ouroboros_warm", "auto")
 ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES)
 
 
@@ -78,6 +79,9 @@ class Turn:
     draft_forwards: int
     accept_lengths: list[int] | None
     """Tokens per target forward; None where the method does not expose it (HF)."""
+    forward_log: list | None = None
+    """Every forward of both models (`runner.ForwardRecord`), for replay on a cost table; for HF
+    greedy the forwards of plain decoding; None where unknown (HF assisted and prompt lookup)."""
 
 
 @dataclass
@@ -189,7 +193,7 @@ def _run_hf(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_token
     finally:
         for hook in hooks:
             hook.remove()
-    return output[0, input_ids.shape[1]:].tolist(), seconds, target_count[0], draft_count[0], None
+    return output[0, input_ids.shape[1]:].tolist(), seconds, target_count[0], draft_count[0], None, None
 
 
 def _run_engine(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
@@ -202,7 +206,7 @@ def _run_engine(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_t
         eos_token_id=bench.eos_ids, config=config, pool=pool, **sampling))
     stats = output.stats
     return (output.sequences[0, input_ids.shape[1]:].tolist(), seconds, stats.target_forwards, stats.draft_forwards,
-            list(stats.accept_lengths))
+            list(stats.accept_lengths), stats.forward_log)
 
 
 def run_turn(bench: Bench, method: Method, ids: list[int], *, max_new_tokens: int, temperature: float,
@@ -210,14 +214,16 @@ def run_turn(bench: Bench, method: Method, ids: list[int], *, max_new_tokens: in
     """One generate call of `method` on `ids`, timed from the call to its return, prefill included."""
     input_ids = torch.tensor([ids], dtype=torch.long, device=bench.device)
     if method.hf:
-        tokens, seconds, target_forwards, draft_forwards, accept = _run_hf(
+        tokens, seconds, target_forwards, draft_forwards, accept, log = _run_hf(
             bench, method, input_ids, max_new_tokens, temperature, seed)
     else:
-        tokens, seconds, target_forwards, draft_forwards, accept = _run_engine(
+        tokens, seconds, target_forwards, draft_forwards, accept, log = _run_engine(
             bench, method, input_ids, max_new_tokens, temperature, seed, pool)
     tokens = cut_at_eos(tokens, bench.eos_ids)
+    if method.hf == "greedy":
+        log = vanilla_log(len(ids), len(tokens))
     text = bench.tokenizer.decode(tokens, skip_special_tokens=True)
-    return Turn(ids, tokens, text, seconds, target_forwards, draft_forwards, accept)
+    return Turn(ids, tokens, text, seconds, target_forwards, draft_forwards, accept, log)
 
 
 def run_question(bench: Bench, method: Method, question: Question, *, temperature: float, seed: int,
