@@ -1,0 +1,61 @@
+"""`ouroboros serve`: its arguments, and the start that loads the pair and serves it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..arguments import add_config_arguments, add_model_arguments, apply_threads, config_from_args
+from ..errors import InvalidArgumentError
+from ..methods import METHODS
+from .app import DEFAULT_MAX_TOKENS, POOL_MODES, create_app
+
+API_KEY_ENV = "OUROBOROS_API_KEY"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def add_serve_parser(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="serve the pair over an OpenAI-compatible HTTP API")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--method", default="ouroboros", choices=METHODS)
+    serve.add_argument("--model-name", help="the model id clients send (default: the target directory's name)")
+    serve.add_argument("--api-key", default=None,
+                       help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set, else none)")
+    serve.add_argument("--pool", dest="pool_mode", default="shared", choices=POOL_MODES,
+                       help="one warm phrase pool for all requests (shared, default) or a cold one per request")
+    serve.add_argument("--pool-file", help="load the shared pool from this file at start, save it there on "
+                                           "shutdown and periodically (a missing file starts cold)")
+    serve.add_argument("--pool-save-interval", type=float, default=300.0,
+                       help="seconds between saves of --pool-file (default 300)")
+    serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                       help=f"max_tokens when a request gives none (default {DEFAULT_MAX_TOKENS})")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_model_arguments(serve)
+    add_config_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..loading import load_pair
+
+    config = config_from_args(args)
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
+    if args.pool_file is not None and args.pool_mode != "shared":
+        raise InvalidArgumentError("--pool-file needs --pool shared: a per-request pool is never kept")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    apply_threads(args)
+    target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    app = create_app(target, draft, tokenizer, config=config, method=args.method, pool_mode=args.pool_mode,
+                     pool_file=args.pool_file, pool_save_interval=args.pool_save_interval, api_key=api_key,
+                     model_name=args.model_name, default_max_tokens=args.default_max_tokens)
+    if api_key is None and args.host not in LOCAL_HOSTS:
+        print(f"ouroboros serve: warning: listening on {args.host} without an API key: anyone who can reach "
+              f"this port can use the models (set {API_KEY_ENV} or --api-key)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,296 @@
+"""The job queue and the worker thread: requests run one at a time on the loaded pair.
+
+The models, their caches and the phrase pool are not thread-safe, and a CPU gains nothing from two
+generations at once, so one thread runs every generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import OuroborosConfig
+from ..errors import ConfigError
+from ..generation import generate
+from ..pool import PhrasePool
+from .metrics import Metrics
+from .schema import APIError
+
+log = logging.getLogger("ouroboros.server")
+
+
+class TextTracker:
+    """A transformers-style streamer that turns new token ids into text as soon as it is final.
+
+    Text is final once it cannot change: no trailing half of a multi-byte character (decoded as
+    U+FFFD until the rest arrives) and no tail that could still grow into a stop string. A stop
+    string cuts the text where it begins and sets `stopped`, which ends generation.
+    """
+
+    def __init__(self, decode, stop: list[str], on_text=None):
+        self._decode, self._stop, self._on_text = decode, stop, on_text
+        self._ids: list[int] = []
+        self._prompt_seen = False
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        if self.stopped:
+            return
+        self._ids += value.reshape(-1).tolist()
+        self.text = self._decode(self._ids)
+        cut = min((i for i in (self.text.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.stopped = True
+            self._send(cut)
+        else:
+            self._send(self._final_end())
+
+    def end(self) -> None:
+        """Nothing to do: the caller flushes with `finish` once it knows why generation ended."""
+
+    def finish(self) -> None:
+        self._send(len(self.text))
+
+    def _final_end(self) -> int:
+        end = len(self.text.rstrip("\ufffd"))
+        held = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, end), held, -1):
+                if self.text.endswith(s[:k], 0, end):
+                    held = k
+                    break
+        return end - held
+
+    def _send(self, end: int) -> None:
+        if end > self.sent:
+            if self._on_text is not None:
+                self._on_text(self.text[self.sent:end])
+            self.sent = end
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class Job:
+    """One request's generation. The worker reports to the request's coroutine through its event loop:
+    ("text", delta) while streaming, then ("done", Result) or ("error", APIError)."""
+
+    def __init__(self, prompt_ids: list[int], max_tokens: int, sampling: dict, stop: list[str], stream: bool):
+        self.prompt_ids, self.max_tokens, self.sampling, self.stop, self.stream = (
+            prompt_ids, max_tokens, sampling, stop, stream)
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.finished = False
+
+    def emit(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error")
+
+
+class Engine:
+    """The loaded pair, the job queue and the worker thread that runs one job at a time.
+
+    The shared phrase pool is touched only by the worker (periodic saves happen between jobs) and,
+    after the worker has stopped, by the final save: so it needs no lock.
+    """
+
+    def __init__(self, target, draft, tokenizer, *, method: str, config: OuroborosConfig, pool: PhrasePool | None,
+                 pool_file: Path | None, pool_metadata: dict, save_interval: float):
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self.method, self.config, self.pool = method, config, pool
+        self.pool_file, self.pool_metadata, self.save_interval = pool_file, pool_metadata, save_interval
+        self.tokenizer_lock = threading.Lock()
+        """Held for every tokenizer call: Rust tokenizers can fail when used from two threads at once."""
+        self.metrics = Metrics(pool_phrases=len(pool) if pool is not None else 0)
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._closing = False
+        self._dirty = False
+        self._next_save = time.monotonic() + save_interval
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="ouroboros-worker", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def queue_depth(self) -> tuple[int, int]:
+        """(waiting, running)"""
+        with self._cond:
+            return len(self._waiting), int(self._running is not None)
+
+    def check_open(self) -> None:
+        if self._closing:
+            raise _shutting_down()
+
+    def submit(self, job: Job, endpoint: str) -> None:
+        with self._cond:
+            self.check_open()
+            self._waiting.append(job)
+            self.metrics.requests[endpoint] += 1
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job whose client went away: drop it from the queue, or end its generation at the next step."""
+        job.cancelled.set()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.metrics.finished["aborted"] += 1
+                job.finished = True
+
+    def stop(self) -> None:
+        """Refuse waiting jobs, stop the running one, wait for the worker, then save the pool."""
+        with self._cond:
+            self._closing = True
+            waiting, self._waiting = list(self._waiting), deque()
+            running = self._running
+            self._cond.notify_all()
+        for job in waiting:
+            job.finished = True
+            job.emit("error", _shutting_down())
+        if running is not None:
+            running.cancelled.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            if self._thread.is_alive():
+                log.error("the generation worker did not stop; the phrase pool is not saved")
+                return
+        self.save_pool()
+
+    def save_pool(self) -> None:
+        if self.pool_file is None or self.pool is None:
+            return
+        try:
+            self.pool.save(self.pool_file, metadata={**self.pool_metadata, "saved_at": time.time()})
+            self._dirty = False
+        except OSError as exc:
+            log.error("cannot save the phrase pool to %s: %s", self.pool_file, exc)
+
+    def decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting and not self._closing:
+                    self._cond.wait(self._seconds_to_save())
+                if self._closing:
+                    return
+                job = self._waiting.popleft() if self._waiting else None
+                self._running = job
+            if job is not None:
+                try:
+                    self._run(job)
+                finally:
+                    with self._cond:
+                        self._running = None
+            if self.pool_file is not None and time.monotonic() >= self._next_save:
+                if self._dirty:
+                    self.save_pool()
+                self._next_save = time.monotonic() + self.save_interval
+
+    def _seconds_to_save(self) -> float | None:
+        return None if self.pool_file is None else max(self._next_save - time.monotonic(), 0.0)
+
+    def _run(self, job: Job) -> None:
+        tracker = TextTracker(self.decode, job.stop, (lambda text: job.emit("text", text)) if job.stream else None)
+        out = error = None
+        try:
+            out = generate(self.target, torch.tensor([job.prompt_ids], device=self.target.device), draft=self.draft,
+                           method=self.method, max_new_tokens=job.max_tokens, config=self.config,
+                           pool=self.pool, streamer=tracker,
+                           stopping=lambda new_ids: job.cancelled.is_set() or tracker.stopped, **job.sampling)
+            tracker.finish()
+        except Exception as exc:  # a bug or an exhausted machine must fail this request, not the server
+            log.exception("generation failed")
+            error = APIError(500, f"generation failed: {exc}", type="server_error")
+        finish = self._record(job, out, tracker)
+        if out is None:
+            job.emit("error", error)
+        else:
+            job.emit("done", Result(tracker.text, finish, len(job.prompt_ids), out.stats.new_tokens))
+
+    def _record(self, job: Job, out, tracker: TextTracker) -> str:
+        """Count the finished job in the metrics, mark it finished, and return its finish reason."""
+        if out is None:
+            finish = "error"
+        else:
+            finish = "stop" if tracker.stopped else out.finish_reason
+        with self._cond:  # cancel() updates the same counters from the event loop's thread
+            m = self.metrics
+            self._dirty = self.pool is not None
+            m.pool_phrases = len(self.pool) if self.pool is not None else 0
+            m.finished["aborted" if job.cancelled.is_set() else finish] += 1
+            if out is not None:
+                s = out.stats
+                m.prompt_tokens += len(job.prompt_ids)
+                m.generated_tokens += s.new_tokens
+                m.target_forwards += s.target_forwards
+                m.generation_seconds += s.wall_time
+                m.last_tokens_per_second = s.tokens_per_second
+            job.finished = True
+        return finish
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the sorted vocabulary: phrases are token ids, which mean nothing under another tokenizer."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def open_pool_file(path: Path, config: OuroborosConfig, fingerprint: str) -> PhrasePool:
+    """The saved pool at `path`, or a cold one if there is none. A damaged or incompatible file stops
+    the start (ConfigError naming it) instead of being replaced, since it may hold hours of phrases."""
+    if not path.parent.is_dir():
+        raise ConfigError(f"phrase pool file {str(path)!r}: the directory {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"phrase pool file {str(path)!r}: the directory {str(path.parent)!r} is not writable")
+    if not path.exists():
+        return PhrasePool(config.level, config.pool_size)
+    pool, metadata = PhrasePool.load(path)
+    hint = "delete it or pass another --pool-file"
+    if metadata.get("tokenizer_sha256") != fingerprint:
+        raise ConfigError(f"phrase pool file {str(path)!r} was saved for another tokenizer: {hint}")
+    if pool.level != config.level:
+        raise ConfigError(f"phrase pool file {str(path)!r} holds {pool.level}-grams but --level is "
+                          f"{config.level}: {hint}, or pass --level {pool.level}")
+    if pool.capacity != config.pool_size:
+        pool = PhrasePool.from_state_dict({**pool.state_dict(), "capacity": config.pool_size})
+    return pool
