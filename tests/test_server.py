@@ -23,9 +23,11 @@ openai = pytest.importorskip("openai")
 import torch  # noqa: E402
 from tiny_models import perturbed, save_tiny_pair, tiny_model, tiny_tokenizer  # noqa: E402
 
-from ouroboros import PhrasePool  # noqa: E402
+from ouroboros import InvalidArgumentError, PhrasePool  # noqa: E402
 from ouroboros.cli import main as cli_main  # noqa: E402
 from ouroboros.server import TextTracker, create_app, tokenizer_fingerprint  # noqa: E402
+from ouroboros.server import app as server_app  # noqa: E402
+from ouroboros.server import worker as server_worker  # noqa: E402
 
 MODEL = "tiny"
 TOKENIZER = tiny_tokenizer()
@@ -370,6 +372,78 @@ def test_bad_input_leaves_the_server_healthy(base):
 def test_openai_client_sees_bad_request_errors(base):
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
         client(base).completions.create(model=MODEL, prompt="Hi", n=2)
+
+
+# --- errors that name the problem, and bugs that stay on the server ---------------------------------------
+
+TINY_TEMPERATURES = [1e-45, 1e-300, 5e-324]  # logits / temperature overflow: generate refuses them
+
+
+@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_temperature_too_small_to_sample_is_a_400(base, temperature, stream):
+    body = {**OK, "temperature": temperature, "stream": stream}
+    response = httpx.post(base + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text  # refused before queueing, so a stream never starts
+    error = response.json()["error"]
+    assert error["param"] == "temperature" and "temperature" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+def test_openai_client_sees_a_tiny_temperature_refused(base, temperature):
+    with pytest.raises(openai.BadRequestError, match="temperature") as info:
+        client(base).chat.completions.create(**CHAT, temperature=temperature)
+    assert info.value.body["param"] == "temperature"
+
+
+def internal_error_id(response) -> str:
+    """The request id of a 500 that tells nothing else."""
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and error["param"] is None
+    prefix = "internal error (request id "
+    assert error["message"].startswith(prefix) and error["message"].endswith(")")
+    return error["message"][len(prefix):-1]
+
+
+def broken(*args, **kwargs):
+    raise RuntimeError("probability tensor contains inf, nan (secret internals)")
+
+
+@pytest.mark.parametrize("module, name, path, body", [
+    (server_worker, "generate", "completions", OK),  # on the worker thread
+    (server_app, "token_budget", "chat/completions", CHAT),  # in the request's coroutine
+])
+def test_a_bug_is_a_500_that_exposes_nothing(base, monkeypatch, caplog, module, name, path, body):
+    monkeypatch.setattr(module, name, broken)
+    response = httpx.post(f"{base}/v1/{path}", json=body, timeout=30)
+    request_id = internal_error_id(response)
+    assert "secret" not in response.text and "Traceback" not in response.text
+    # the traceback stays in the server's log, under the id the client was given
+    assert any(request_id in r.getMessage() and r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
+    monkeypatch.undo()
+    assert client(base).completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_bug_in_a_stream_ends_it_with_an_error_that_exposes_nothing(base, monkeypatch):
+    monkeypatch.setattr(server_worker, "generate", broken)
+    with httpx.stream("POST", base + "/v1/completions", json={**OK, "stream": True}, timeout=30) as stream:
+        events = [line for line in stream.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["message"].startswith("internal error (request id ")
+    assert not any("secret" in line for line in events)
+
+
+def test_a_package_error_from_generation_is_a_400(base, monkeypatch):
+    def refuses(*args, **kwargs):
+        raise InvalidArgumentError("temperature 0.5 is refused by this test")
+
+    monkeypatch.setattr(server_worker, "generate", refuses)
+    response = httpx.post(base + "/v1/completions", json=OK, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": "temperature 0.5 is refused by this test",
+                                        "type": "invalid_request_error", "param": "temperature", "code": None}
 
 
 # --- API key -----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..config import OuroborosConfig
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, OuroborosError
 from ..methods import get_method
 from ..model_facts import context_length, vocab_size
 from ..pool import PhrasePool
@@ -37,6 +37,8 @@ from .schema import (
     Options,
     bad,
     check_token_ids,
+    from_package_error,
+    internal_error,
     parse_messages,
     parse_options,
     parse_prompt,
@@ -158,21 +160,52 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
 
 
 def _add_error_handlers(app: FastAPI, engine: Engine) -> None:
+    """Every error is an OpenAI error object: ours as raised, the package's input errors as 400s,
+    Starlette's (404, 405) as they are; anything else is a bug, answered by `_InternalErrors`."""
     async def api_error(request: Request, exc: APIError) -> Response:
         if 400 <= exc.status < 500:
             engine.metrics.rejected += 1
         return _json_response(exc.body(), exc.status, exc.headers)
 
+    async def package_error(request: Request, exc: OuroborosError) -> Response:
+        return await api_error(request, from_package_error(exc))
+
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return await api_error(request, APIError(exc.status_code, str(exc.detail), code=None))
 
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        # Starlette re-raises the exception after this response, so uvicorn logs the traceback
-        return _json_response(APIError(500, "internal server error", type="server_error").body(), 500)
-
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(OuroborosError, package_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+    app.add_middleware(_InternalErrors)
+
+
+class _InternalErrors:
+    """ASGI middleware for the exceptions no handler claims: the client gets a 500 saying only
+    "internal error" and a request id; the log gets the traceback under the same id, once."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except ClientDisconnect:  # nobody left to answer, and nothing went wrong
+            return
+        except Exception:
+            request_id = uuid.uuid4().hex
+            log.exception("internal error (request id %s) on %s %s", request_id, scope["method"], scope["path"])
+            if not started:  # else the response is cut short, which is all a client can be told
+                await _json_response(internal_error(request_id).body(), 500)(scope, receive, send)
 
 
 def _authorize(settings: _Settings):
@@ -225,7 +258,7 @@ def _encode_prompt(engine: Engine, prompt: str | list[int], vocab_size: int) -> 
     try:
         with engine.tokenizer_lock:
             return engine.tokenizer(prompt).input_ids
-    except Exception as exc:  # e.g. a lone surrogate that JSON allows and the tokenizer cannot encode
+    except (ValueError, TypeError) as exc:  # e.g. a lone surrogate that JSON allows and the tokenizer refuses
         raise bad(f"the prompt cannot be tokenized: {exc}", "prompt") from None
 
 
@@ -236,7 +269,7 @@ def _encode_chat(engine: Engine, messages: list[dict]) -> list[int]:
         with engine.tokenizer_lock:
             text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return engine.tokenizer(text, add_special_tokens=False).input_ids
-    except Exception as exc:  # templates raise on conversations they do not accept
+    except Exception as exc:  # a template is the model's code: it refuses conversations with any exception
         raise bad(f"the messages cannot be formatted with the model's chat template: {exc}", "messages") from None
 
 
@@ -247,7 +280,7 @@ async def _generate(request: Request, engine: Engine, settings: _Settings, endpo
     prefix, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     max_tokens = token_budget(options, len(ids), prompt_param, settings.context_limit, settings.default_max_tokens)
-    job = Job(ids, max_tokens, sampling(options), stop, options.stream)
+    job = Job(request_id, ids, max_tokens, sampling(options), stop, options.stream)
     head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
     if options.stream:
         engine.check_open()

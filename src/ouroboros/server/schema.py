@@ -10,6 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import OuroborosError
+from ..generation import make_verifier
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -40,6 +43,19 @@ class APIError(Exception):
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def internal_error(request_id: str) -> APIError:
+    """The only thing a client learns about a bug: the id to quote, which the server's log pairs with
+    the traceback."""
+    return APIError(500, f"internal error (request id {request_id})", type="server_error")
+
+
+def from_package_error(exc: OuroborosError) -> APIError:
+    """A 400 for the package's own "your input is wrong" errors. Their messages start with the
+    argument's name ("temperature 1e-45 is too small..."), which becomes `param` when it is a request field."""
+    first = str(exc).split(" ", 1)[0]
+    return bad(str(exc), first if first in ChatOptions.model_fields else None)
 
 
 class _StreamOptions(BaseModel):
@@ -178,10 +194,15 @@ def token_budget(options: Options, prompt_tokens: int, prompt_param: str, contex
 
 def sampling(options: Options) -> dict:
     """`generate`'s sampling arguments; {} for greedy. Temperature 0 (the default here, unlike OpenAI's
-    1) or top_p 0 leave only the most likely token."""
+    1) or top_p 0 leave only the most likely token. Checked now by `generate`'s own rule, so that a
+    temperature too small to sample from is a 400 before the request is queued, not a failed stream."""
     if not options.temperature or options.top_p == 0:
         return {}
     arguments = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p or 1.0}
     if options.seed is not None:
         arguments["seed"] = options.seed
+    try:
+        make_verifier(**{"top_k": 0, "min_p": 0.0, "seed": None, **arguments, "generator": None})
+    except OuroborosError as exc:
+        raise from_package_error(exc) from None
     return arguments

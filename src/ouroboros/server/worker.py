@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from ..config import OuroborosConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, OuroborosError
 from ..generation import generate
 from ..pool import PhrasePool
 from .metrics import Metrics
-from .schema import APIError
+from .schema import APIError, from_package_error, internal_error
 
 log = logging.getLogger("ouroboros.server")
 
@@ -100,9 +100,10 @@ class Job:
     """One request's generation. The worker reports to the request's coroutine through its event loop:
     ("text", delta) while streaming, then ("done", Result) or ("error", APIError)."""
 
-    def __init__(self, prompt_ids: list[int], max_tokens: int, sampling: dict, stop: list[str], stream: bool):
-        self.prompt_ids, self.max_tokens, self.sampling, self.stop, self.stream = (
-            prompt_ids, max_tokens, sampling, stop, stream)
+    def __init__(self, id: str, prompt_ids: list[int], max_tokens: int, sampling: dict, stop: list[str],
+                 stream: bool):
+        self.id, self.prompt_ids, self.max_tokens, self.sampling, self.stop, self.stream = (
+            id, prompt_ids, max_tokens, sampling, stop, stream)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -238,9 +239,11 @@ class Engine:
                            pool=self.pool, streamer=tracker,
                            stopping=lambda new_ids: job.cancelled.is_set() or tracker.stopped, **job.sampling)
             tracker.finish()
-        except Exception as exc:  # a bug or an exhausted machine must fail this request, not the server
-            log.exception("generation failed")
-            error = APIError(500, f"generation failed: {exc}", type="server_error")
+        except OuroborosError as exc:  # a request `generate` refuses that the schema let through
+            error = from_package_error(exc)
+        except Exception:  # a bug or an exhausted machine must fail this request, not the server
+            log.exception("generation failed (request id %s)", job.id)
+            error = internal_error(job.id)
         finish = self._record(job, out, tracker)
         if out is None:
             job.emit("error", error)
