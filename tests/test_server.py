@@ -446,6 +446,34 @@ def test_a_package_error_from_generation_is_a_400(base, monkeypatch):
                                         "type": "invalid_request_error", "param": "temperature", "code": None}
 
 
+# --- only JSON bodies ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body", [("completions", OK), ("chat/completions", CHAT)])
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain; charset=utf-8",
+                                          "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                                          "application/jsonp", "application/json-seq"])
+def test_post_needs_a_json_content_type(base, path, body, content_type):
+    """A browser page may POST text/plain or a form to a local server without a CORS preflight."""
+    before = metrics(base)
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = httpx.post(f"{base}/v1/{path}", content=json.dumps(body).encode(), headers=headers, timeout=30)
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "application/json" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "unsupported_media_type"
+    after = metrics(base)
+    assert {k: v for k, v in after.items() if k.startswith("ouroboros_requests_total")} == {
+        k: v for k, v in before.items() if k.startswith("ouroboros_requests_total")}  # nothing was queued
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])
+def test_json_content_type_with_parameters_is_accepted(base, content_type):
+    response = httpx.post(base + "/v1/completions", content=json.dumps(OK).encode(),
+                          headers={"content-type": content_type}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
 # --- API key -----------------------------------------------------------------------------------------------
 
 def test_api_key(pair):

@@ -36,6 +36,7 @@ from .schema import (
     ChatOptions,
     Options,
     bad,
+    check_content_type,
     check_token_ids,
     from_package_error,
     internal_error,
@@ -232,11 +233,13 @@ async def _read_options(request: Request, settings: _Settings, cls: type[Options
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    """The JSON body, read in chunks so that an oversized body is refused (413) without being kept."""
+    """The JSON body, read in chunks so that an oversized body is refused (413) without being kept;
+    a body that is not declared as JSON is refused (415) before it is read."""
     too_large = APIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large
+    check_content_type(request.headers.get("content-type"))
     body = bytearray()
     try:
         async for chunk in request.stream():

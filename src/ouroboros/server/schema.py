@@ -15,6 +15,7 @@ from ..generation import make_verifier
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+JSON_MEDIA_TYPE = "application/json"
 
 UNSUPPORTED_OPTIONS = {
     "best_of": [None, 1], "echo": [None, False], "logprobs": [None, False], "top_logprobs": [None, 0],
@@ -56,6 +57,16 @@ def from_package_error(exc: OuroborosError) -> APIError:
     argument's name ("temperature 1e-45 is too small..."), which becomes `param` when it is a request field."""
     first = str(exc).split(" ", 1)[0]
     return bad(str(exc), first if first in ChatOptions.model_fields else None)
+
+
+def check_content_type(header: str | None) -> None:
+    """Only JSON bodies: a form or text/plain POST is a "simple request" that a web page may send to a
+    local server without a CORS preflight, so accepting it would let any page start generations."""
+    media_type = (header or "").split(";", 1)[0].strip().lower()
+    if media_type != JSON_MEDIA_TYPE:
+        got = f"got {header!r}" if header else "got none"
+        raise APIError(415, f"the request body must be JSON, sent with 'Content-Type: {JSON_MEDIA_TYPE}' ({got})",
+                       code="unsupported_media_type")
 
 
 class _StreamOptions(BaseModel):
