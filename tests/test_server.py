@@ -474,6 +474,53 @@ def test_json_content_type_with_parameters_is_accepted(base, content_type):
     assert response.json()["usage"]["completion_tokens"] == 2
 
 
+# --- a bounded queue ------------------------------------------------------------------------------------------
+
+def test_a_full_queue_answers_503_with_retry_after(pair, monkeypatch):
+    """One request runs (held at a gate), two wait (max_queue=2): the next is refused at once, streamed
+    or not, and the held and waiting ones still complete once the gate opens."""
+    target, draft = pair
+    gate, running = threading.Event(), threading.Event()
+    real_generate = server_worker.generate
+
+    def gated(*args, **kwargs):
+        running.set()
+        assert gate.wait(60), "the test never opened the gate"
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(server_worker, "generate", gated)
+    with serving(create_app(target, draft, TOKENIZER, model_name=MODEL, max_queue=2)) as url, \
+            ThreadPoolExecutor(3) as pool:
+        def post(max_tokens: int):
+            return pool.submit(httpx.post, url + "/v1/completions", json={**OK, "max_tokens": max_tokens}, timeout=60)
+
+        accepted = [post(3)]
+        assert running.wait(30)
+        accepted += [post(4), post(5)]
+        wait_for(lambda: metrics(url)["ouroboros_queue_depth"] == 2)
+        for body in ({**OK, "max_tokens": 6}, {**OK, "max_tokens": 6, "stream": True}):
+            refused = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert int(refused.headers["retry-after"]) >= 1
+            error = refused.json()["error"]
+            assert error["code"] == "queue_full" and error["type"] == "server_error" and "--max-queue 2" in error[
+                "message"]
+        with pytest.raises(openai.InternalServerError):
+            client(url).chat.completions.create(**CHAT)
+        gate.set()
+        responses = [f.result(timeout=60) for f in accepted]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    ids = TOKENIZER(OK["prompt"]).input_ids
+    assert [r.json()["usage"]["completion_tokens"] for r in responses] == [
+        len(hf_greedy(target, ids, n)) for n in (3, 4, 5)]
+
+
+@pytest.mark.parametrize("max_queue", [-1, 1.5, True])
+def test_max_queue_must_be_a_count(pair, max_queue):
+    with pytest.raises(ValueError, match="max_queue"):
+        create_app(*pair, TOKENIZER, max_queue=max_queue)
+
+
 # --- API key -----------------------------------------------------------------------------------------------
 
 def test_api_key(pair):
@@ -599,3 +646,12 @@ def test_cli_serves_and_saves_the_pool_on_shutdown(pair_dirs, tmp_path):
             process.communicate()
     assert process.returncode in (0, 130), err
     assert len(PhrasePool.load(path)[0]) > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["--port", "70000"], "--port must be in 0..65535"),
+])
+def test_cli_refuses_bad_serve_settings_before_loading(argv, message, capsys):
+    assert cli_main(["serve", "--target", "/nonexistent", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -54,6 +54,9 @@ log = logging.getLogger("ouroboros.server")
 
 MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_QUEUE = 64
+"""Requests that may wait behind the running one. At a few seconds per request on a CPU, the last of
+64 waits minutes, about as long as a client usually waits; more would only turn 503s into timeouts."""
 POOL_MODES = ("shared", "per-request")
 
 
@@ -76,7 +79,8 @@ class _Settings:
 def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = None, method: str = "ouroboros",
                pool_mode: str = "shared", pool_file: str | os.PathLike | None = None,
                pool_save_interval: float = 300.0, api_key: str | None = None, model_name: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
     """The FastAPI app serving `target` (with `draft`). Raises the package's errors (ValueError
     subclasses) for bad settings or an unusable pool file, before anything is served. The worker
     starts and stops with the app's lifespan."""
@@ -92,6 +96,8 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
         raise InvalidArgumentError("the API key is empty")
     if max_body_bytes < 1 or default_max_tokens < 1:
         raise InvalidArgumentError("max_body_bytes and default_max_tokens must be >= 1")
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        raise InvalidArgumentError(f"max_queue must be an int >= 0, got {max_queue!r}")
     check_tree_attention(target)
     if needs_draft:
         if draft is None:
@@ -106,7 +112,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
     engine = Engine(target, draft, tokenizer, method=method, config=config, pool=pool,
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
-                    save_interval=pool_save_interval)
+                    save_interval=pool_save_interval, max_queue=max_queue)
     limits = [limit for limit in map(context_length, [target, draft] if needs_draft else [target])
               if limit is not None]
     settings = _Settings(name, api_key.encode() if api_key is not None else None, max_body_bytes,
@@ -278,19 +284,16 @@ def _encode_chat(engine: Engine, messages: list[dict]) -> list[int]:
 
 async def _generate(request: Request, engine: Engine, settings: _Settings, endpoint: str, options: Options,
                     ids: list[int], prompt_param: str, stop: list[str]) -> Response:
-    """Queue the generation (or refuse it) and answer with its result or stream."""
+    """Queue the generation (or refuse it: 400, or 503 when full) and answer with its result or stream."""
     chat = endpoint == "chat_completions"
     prefix, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     max_tokens = token_budget(options, len(ids), prompt_param, settings.context_limit, settings.default_max_tokens)
     job = Job(request_id, ids, max_tokens, sampling(options), stop, options.stream)
+    engine.submit(job, endpoint)
     head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
     if options.stream:
-        engine.check_open()
-        return StreamingResponse(_stream(engine, job, endpoint, head, chat, options.include_usage),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    engine.submit(job, endpoint)
+        return _JobStream(engine, job, _events(job, head, chat, options.include_usage))
     result = await _result(engine, job, request)
     if result is None:  # the client is gone; this response is never read
         return Response(status_code=499)
@@ -330,12 +333,25 @@ async def _result(engine: Engine, job: Job, request: Request) -> Result | None:
     return None
 
 
-async def _stream(engine: Engine, job: Job, endpoint: str, head: dict, chat: bool, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format; a disconnect cancels this generator, and the job.
+class _JobStream(StreamingResponse):
+    """Server-sent events for a queued job, which is cancelled however the response ends: finished,
+    cut by a disconnect, or never started because the client left first."""
 
-    The job is submitted here rather than before: a response that never starts never runs this
-    generator, and so would never reach the `finally` that cancels its job.
-    """
+    def __init__(self, engine: Engine, job: Job, events):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.engine, self.job = engine, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.job.finished:
+                self.engine.cancel(self.job)
+
+
+async def _events(job: Job, head: dict, chat: bool, include_usage: bool):
+    """The job's text as OpenAI's stream chunks, ending with its finish reason (or error) and [DONE]."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list, usage: dict | None = None) -> str:
@@ -350,27 +366,18 @@ async def _stream(engine: Engine, job: Job, endpoint: str, head: dict, chat: boo
         delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    try:
-        engine.submit(job, endpoint)
-    except APIError as exc:  # shutting down since check_open
-        yield f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n"
-        return
-    try:
-        if chat:
-            yield event([choice(None, role=True)])
-        while True:
-            kind, value = await job.events.get()
-            if kind == "text":
-                yield event([choice(value)])
-            elif kind == "done":
-                yield event([choice(None, value.finish_reason)])
-                if include_usage:
-                    yield event([], value.usage())
-                break
-            else:
-                yield f"data: {json.dumps(value.body())}\n\n"
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        if not job.finished:
-            engine.cancel(job)
+    if chat:
+        yield event([choice(None, role=True)])
+    while True:
+        kind, value = await job.events.get()
+        if kind == "text":
+            yield event([choice(value)])
+        elif kind == "done":
+            yield event([choice(None, value.finish_reason)])
+            if include_usage:
+                yield event([], value.usage())
+            break
+        else:
+            yield f"data: {json.dumps(value.body())}\n\n"
+            break
+    yield "data: [DONE]\n\n"

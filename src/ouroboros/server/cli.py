@@ -9,7 +9,7 @@ import sys
 from ..arguments import add_config_arguments, add_model_arguments, apply_threads, config_from_args
 from ..errors import InvalidArgumentError
 from ..methods import METHODS
-from .app import DEFAULT_MAX_TOKENS, POOL_MODES, create_app
+from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, POOL_MODES, create_app
 
 API_KEY_ENV = "OUROBOROS_API_KEY"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -32,6 +32,9 @@ def add_serve_parser(subparsers) -> None:
                        help="seconds between saves of --pool-file (default 300)")
     serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                        help=f"max_tokens when a request gives none (default {DEFAULT_MAX_TOKENS})")
+    serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                       help=f"requests that may wait behind the running one; more get 503 with Retry-After "
+                            f"(default {DEFAULT_MAX_QUEUE})")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(serve)
     add_config_arguments(serve)
@@ -46,6 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_queue < 0:
+        raise InvalidArgumentError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.pool_file is not None and args.pool_mode != "shared":
         raise InvalidArgumentError("--pool-file needs --pool shared: a per-request pool is never kept")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -53,7 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
     app = create_app(target, draft, tokenizer, config=config, method=args.method, pool_mode=args.pool_mode,
                      pool_file=args.pool_file, pool_save_interval=args.pool_save_interval, api_key=api_key,
-                     model_name=args.model_name, default_max_tokens=args.default_max_tokens)
+                     model_name=args.model_name, default_max_tokens=args.default_max_tokens,
+                     max_queue=args.max_queue)
     if api_key is None and args.host not in LOCAL_HOSTS:
         print(f"ouroboros serve: warning: listening on {args.host} without an API key: anyone who can reach "
               f"this port can use the models (set {API_KEY_ENV} or --api-key)", file=sys.stderr)

@@ -1,7 +1,9 @@
 """The job queue and the worker thread: requests run one at a time on the loaded pair.
 
 The models, their caches and the phrase pool are not thread-safe, and a CPU gains nothing from two
-generations at once, so one thread runs every generation.
+generations at once, so one thread runs every generation. The queue is bounded: beyond `max_queue`
+waiting requests a new one is refused at once (503 with Retry-After) rather than left to wait for
+minutes and time out.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -128,10 +131,11 @@ class Engine:
     """
 
     def __init__(self, target, draft, tokenizer, *, method: str, config: OuroborosConfig, pool: PhrasePool | None,
-                 pool_file: Path | None, pool_metadata: dict, save_interval: float):
+                 pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.method, self.config, self.pool = method, config, pool
         self.pool_file, self.pool_metadata, self.save_interval = pool_file, pool_metadata, save_interval
+        self.max_queue = max_queue
         self.tokenizer_lock = threading.Lock()
         """Held for every tokenizer call: Rust tokenizers can fail when used from two threads at once."""
         self.metrics = Metrics(pool_phrases=len(pool) if pool is not None else 0)
@@ -155,16 +159,27 @@ class Engine:
         with self._cond:
             return len(self._waiting), int(self._running is not None)
 
-    def check_open(self) -> None:
-        if self._closing:
-            raise _shutting_down()
-
     def submit(self, job: Job, endpoint: str) -> None:
+        """Queue `job`, or refuse it (503) when shutting down or when `max_queue` jobs already wait
+        behind the running one."""
         with self._cond:
-            self.check_open()
+            if self._closing:
+                raise _shutting_down()
+            if len(self._waiting) + (self._running is not None) > self.max_queue:
+                raise APIError(503, f"the server is busy: {len(self._waiting)} requests are already waiting "
+                                    f"(--max-queue {self.max_queue}); retry later", type="server_error",
+                               code="queue_full", headers={"Retry-After": str(self._retry_after())})
             self._waiting.append(job)
             self.metrics.requests[endpoint] += 1
             self._cond.notify()
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely drained by one place: the mean generation time so far
+        times the requests ahead (at least 1). Called with the lock held."""
+        m = self.metrics
+        done = m.finished["stop"] + m.finished["length"]
+        mean = m.generation_seconds / done if done else 1.0
+        return max(1, math.ceil(mean * (len(self._waiting) + 1)))
 
     def cancel(self, job: Job) -> None:
         """Stop a job whose client went away: drop it from the queue, or end its generation at the next step."""
