@@ -648,6 +648,31 @@ def test_cli_serves_and_saves_the_pool_on_shutdown(pair_dirs, tmp_path):
     assert len(PhrasePool.load(path)[0]) > 0
 
 
+def test_cli_banner_says_where_what_and_how(pair_dirs):
+    """--port 0 binds a free port, and the banner names it: the URL in the banner is the one that answers."""
+    target, draft = pair_dirs
+    argv = [sys.executable, "-m", "ouroboros.cli", "serve", "--target", str(target), "--draft", str(draft), "--dtype",
+            "float32", "--port", "0", "--method", "speculative", "--max-queue", "5", "--api-key", "k3y",
+            "--log-level", "warning"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            banner = "".join(process.stdout.readline() for _ in range(5))
+            assert banner.startswith("ouroboros serve: http://127.0.0.1:"), banner
+            assert "model id: target" in banner and "method:   speculative" in banner
+            assert "API key:  required" in banner and "up to 5 waiting" in banner
+            url = banner.split()[2].removesuffix("/v1")
+            assert httpx.get(url + "/health", timeout=30).status_code == 200  # bound before the banner: no retry
+            assert [m.id for m in client(url, api_key="k3y").models.list().data] == ["target"]
+        finally:
+            process.send_signal(signal.SIGINT)  # as Ctrl-C: stops the server whatever the test found
+            try:
+                _, err = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+    assert process.returncode == 0, err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
     (["--port", "70000"], "--port must be in 0..65535"),

@@ -127,7 +127,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
             await run_in_threadpool(engine.stop)
 
     app = FastAPI(title="ouroboros", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.engine = engine
+    app.state.engine, app.state.model_name = engine, name
     _add_error_handlers(app, engine)
     authorized = [Depends(_authorize(settings))]
 

@@ -1,9 +1,10 @@
-"""`ouroboros serve`: its arguments, and the start that loads the pair and serves it."""
+"""`ouroboros serve`: its arguments, and the start that loads the pair, binds, and says what it serves."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from ..arguments import add_config_arguments, add_model_arguments, apply_threads, config_from_args
@@ -16,11 +17,12 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_serve_parser(subparsers) -> None:
-    serve = subparsers.add_parser("serve", help="serve the pair over an OpenAI-compatible HTTP API")
+    serve = subparsers.add_parser("serve", help="serve the pair over an OpenAI-compatible HTTP API",
+                                  description=cmd_serve.__doc__)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--method", default="ouroboros", choices=METHODS)
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--method", default="ouroboros", choices=METHODS, help="decoding method (default ouroboros)")
     serve.add_argument("--model-name", help="the model id clients send (default: the target directory's name)")
     serve.add_argument("--api-key", default=None,
                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set, else none)")
@@ -42,6 +44,9 @@ def add_serve_parser(subparsers) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the target (with its draft) over an OpenAI-compatible HTTP API: /v1/completions,
+    /v1/chat/completions, /v1/models, /health and /metrics. Requests run one at a time; Ctrl-C stops
+    the server and saves --pool-file."""
     import uvicorn
 
     from ..loading import load_pair
@@ -60,8 +65,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      pool_file=args.pool_file, pool_save_interval=args.pool_save_interval, api_key=api_key,
                      model_name=args.model_name, default_max_tokens=args.default_max_tokens,
                      max_queue=args.max_queue)
+    sock = _listen(args.host, args.port)
+    print(banner(f"http://{_url_host(args.host)}:{sock.getsockname()[1]}", app.state.model_name, args.method,
+                 api_key is not None, args.max_queue), flush=True)
     if api_key is None and args.host not in LOCAL_HOSTS:
         print(f"ouroboros serve: warning: listening on {args.host} without an API key: anyone who can reach "
               f"this port can use the models (set {API_KEY_ENV} or --api-key)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is the normal way out
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        print("ouroboros serve: error: the server did not start (the log above says why)", file=sys.stderr)
+        return 1
     return 0
+
+
+def banner(url: str, model: str, method: str, key_required: bool, max_queue: int) -> str:
+    """What a user needs to connect: where, which model id to send, how it decodes, whether a key is needed."""
+    key = f"required (Authorization: Bearer ..., from --api-key or ${API_KEY_ENV})" if key_required else "none"
+    return "\n".join([
+        f"ouroboros serve: {url}/v1  (OpenAI-compatible; /health, /metrics)",
+        f"  model id: {model}",
+        f"  method:   {method}",
+        f"  API key:  {key}",
+        f"  queue:    1 running + up to {max_queue} waiting, then 503 with Retry-After",
+    ])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before serving, so that the banner shows the real port and a taken one is a clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot listen on {host} port {port} (--host/--port): "
+                                   f"{exc.strerror or exc}") from None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
