@@ -676,6 +676,8 @@ def test_cli_banner_says_where_what_and_how(pair_dirs):
 @pytest.mark.parametrize("argv, message", [
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
     (["--port", "70000"], "--port must be in 0..65535"),
+    (["--default-max-tokens", "0"], "--default-max-tokens must be >= 1"),
+    (["--method", "speculative"], "--method speculative needs a draft model"),
 ])
 def test_cli_refuses_bad_serve_settings_before_loading(argv, message, capsys):
     assert cli_main(["serve", "--target", "/nonexistent", *argv]) == 2

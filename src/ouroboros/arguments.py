@@ -12,6 +12,7 @@ import torch
 from .config import OuroborosConfig
 from .errors import InvalidArgumentError, MissingExtraError
 from .loading import parse_dtype
+from .methods import METHODS, get_method
 
 CONFIG_FIELDS = [name for name in OuroborosConfig.__dataclass_fields__]
 
@@ -28,6 +29,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     parser.add_argument("--device", default="cpu", help="torch device for both models (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+DEFAULT_METHOD = "auto"
+"""The CLI and the server default to auto: it is never slower than plain decoding on any machine.
+The Python API keeps "ouroboros" (the method a caller of this library asks for by name)."""
+
+
+def method_help() -> str:
+    """--method's help, from the registry: each method's summary and whether it needs a draft."""
+    entries = [f"{name} ({get_method(name).summary}{', needs a draft' if get_method(name).needs_draft else ''})"
+               for name in METHODS]
+    return f"decoding method (default: {DEFAULT_METHOD}): " + "; ".join(entries)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import time
 
 from . import __version__
 from .arguments import (
+    DEFAULT_METHOD,
     add_config_arguments,
     add_model_arguments,
     apply_threads,
@@ -15,14 +16,11 @@ from .arguments import (
     check_model_arguments,
     config_from_args,
     is_missing_extra,
+    method_help,
     missing_extra,
 )
 from .errors import InvalidArgumentError, OuroborosError
 from .methods import METHODS, get_method
-
-DEFAULT_METHOD = "auto"
-"""The CLI and the server default to auto: it is never slower than plain decoding on any machine.
-The Python API keeps "ouroboros" (the method a caller of this library asks for by name)."""
 
 GENERATE_DESCRIPTION = """Generate text from a prompt, streamed to stdout, then a one-line speed summary on stderr
 (tokens/s, tokens per target forward). The output is exactly the target's own greedy (or sampled)
@@ -123,13 +121,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         save_sizing(sizing, args.out)
         print(f"saved: {args.out} (use it with --config {args.out})")
     return 0
-
-
-def method_help() -> str:
-    """--method's help, from the registry: each method's summary and whether it needs a draft."""
-    entries = [f"{name} ({get_method(name).summary}{', needs a draft' if get_method(name).needs_draft else ''})"
-               for name in METHODS]
-    return f"decoding method (default: {DEFAULT_METHOD}): " + "; ".join(entries)
 
 
 def build_parser() -> argparse.ArgumentParser:

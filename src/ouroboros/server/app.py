@@ -85,7 +85,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
     subclasses) for bad settings or an unusable pool file, before anything is served. The worker
     starts and stops with the app's lifespan."""
     config = OuroborosConfig() if config is None else config
-    needs_draft = get_method(method).needs_draft
+    spec = get_method(method)
     if pool_mode not in POOL_MODES:
         raise InvalidArgumentError(f"pool mode must be one of {', '.join(POOL_MODES)}, got {pool_mode!r}")
     if pool_file is not None and pool_mode != "shared":
@@ -98,10 +98,11 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
         raise InvalidArgumentError("max_body_bytes and default_max_tokens must be >= 1")
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
         raise InvalidArgumentError(f"max_queue must be an int >= 0, got {max_queue!r}")
+    if spec.needs_draft and draft is None:
+        raise InvalidArgumentError(f"method {method!r} needs a draft model")
+    uses_draft = spec.takes_draft and draft is not None  # e.g. auto: a draft when given, else none
     check_tree_attention(target)
-    if needs_draft:
-        if draft is None:
-            raise InvalidArgumentError(f"method {method!r} needs a draft model")
+    if uses_draft:
         check_tree_attention(draft)
     fingerprint = tokenizer_fingerprint(tokenizer)
     pool = None
@@ -113,7 +114,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
                     save_interval=pool_save_interval, max_queue=max_queue)
-    limits = [limit for limit in map(context_length, [target, draft] if needs_draft else [target])
+    limits = [limit for limit in map(context_length, [target, draft] if uses_draft else [target])
               if limit is not None]
     settings = _Settings(name, api_key.encode() if api_key is not None else None, max_body_bytes,
                          default_max_tokens, min(limits, default=None), vocab_size(target), int(time.time()))

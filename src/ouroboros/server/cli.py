@@ -7,9 +7,18 @@ import os
 import socket
 import sys
 
-from ..arguments import add_config_arguments, add_model_arguments, apply_threads, config_from_args
+from ..arguments import (
+    DEFAULT_METHOD,
+    add_config_arguments,
+    add_model_arguments,
+    apply_threads,
+    check_minimums,
+    check_model_arguments,
+    config_from_args,
+    method_help,
+)
 from ..errors import InvalidArgumentError
-from ..methods import METHODS
+from ..methods import METHODS, get_method
 from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, POOL_MODES, create_app
 
 API_KEY_ENV = "OUROBOROS_API_KEY"
@@ -22,7 +31,7 @@ def add_serve_parser(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    serve.add_argument("--method", default="ouroboros", choices=METHODS, help="decoding method (default ouroboros)")
+    serve.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help=method_help())
     serve.add_argument("--model-name", help="the model id clients send (default: the target directory's name)")
     serve.add_argument("--api-key", default=None,
                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set, else none)")
@@ -54,10 +63,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_queue < 0:
-        raise InvalidArgumentError(f"--max-queue must be >= 0, got {args.max_queue}")
+    check_minimums(("--max-queue", args.max_queue, 0), ("--default-max-tokens", args.default_max_tokens, 1))
     if args.pool_file is not None and args.pool_mode != "shared":
         raise InvalidArgumentError("--pool-file needs --pool shared: a per-request pool is never kept")
+    check_model_arguments(args, needs_draft=get_method(args.method).needs_draft, what=f"--method {args.method}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     apply_threads(args)
     target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
