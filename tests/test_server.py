@@ -682,3 +682,20 @@ def test_cli_banner_says_where_what_and_how(pair_dirs):
 def test_cli_refuses_bad_serve_settings_before_loading(argv, message, capsys):
     assert cli_main(["serve", "--target", "/nonexistent", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_auto_serves_exact_text_and_reports_its_choices_in_metrics(pair):
+    """A server on method="auto" (the CLI's default): the same greedy text as HF, and /metrics
+    says which arm each generation started with and how many steps each arm ran."""
+    target, draft = pair
+    app = create_app(target, draft, TOKENIZER, method="auto", model_name=MODEL)
+    with serving(app) as base:
+        response = client(base).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24)
+        expected = decode(hf_greedy(target, TOKENIZER(PROMPTS[0]).input_ids, 24))
+        assert response.choices[0].text == expected
+        m = metrics(base)
+    assert sum(v for k, v in m.items() if k.startswith("ouroboros_auto_plans_total{")) == 1
+    steps = sum(v for k, v in m.items() if k.startswith("ouroboros_auto_steps_total{"))
+    assert steps == m["ouroboros_target_forwards_total"] > 0
+    assert {'ouroboros_auto_events_total{event="probes"}', 'ouroboros_auto_events_total{event="fallbacks"}',
+            'ouroboros_draft_trunks_total{result="full"}'} <= set(m)

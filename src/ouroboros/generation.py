@@ -40,6 +40,8 @@ class GenerationStats:
     phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step)."""
     plan: str = ""
     """How `method="auto"` chose its start, in one line (empty for the other methods)."""
+    plan_start: str = ""
+    """The arm auto started with ("vanilla", "prompt_lookup", "ouroboros"; empty for other methods)."""
     forward_log: list[ForwardRecord] = field(default_factory=list)
     """Every forward of both models, in order: model, tokens fed, tokens cached, seconds."""
 
@@ -138,6 +140,7 @@ def generate(
     stats.events = dict(proposer.events)
     if getattr(proposer, "plan", None) is not None:
         stats.plan = proposer.plan.line()
+        stats.plan_start = proposer.plan.start
     stats.new_tokens = len(context.tokens) - len(prompt)
     sequences = torch.tensor([context.tokens], dtype=torch.long, device=input_ids.device)
     return GenerationOutput(sequences, stats, finish)

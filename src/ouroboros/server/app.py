@@ -110,7 +110,12 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
         pool = (open_pool_file(Path(pool_file), config, fingerprint) if pool_file is not None
                 else PhrasePool(config.level, config.pool_size))
     name = model_name or Path(getattr(target, "name_or_path", "") or "").name or "ouroboros"
-    engine = Engine(target, draft, tokenizer, method=method, config=config, pool=pool,
+    costs = None
+    if method == "auto":  # measured (or read from the cache) now, not on the first request
+        from ..cost_cache import cost_table
+
+        costs = cost_table(target, draft if uses_draft else None, progress=True)
+    engine = Engine(target, draft, tokenizer, method=method, config=config, pool=pool, costs=costs,
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
                     save_interval=pool_save_interval, max_queue=max_queue)

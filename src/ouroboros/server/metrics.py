@@ -18,6 +18,26 @@ class Metrics:
     last_tokens_per_second: float = 0.0
     pool_phrases: int = 0
     """Updated by the worker between jobs, so that a scrape never iterates the pool while it changes."""
+    auto_steps: dict = field(default_factory=dict)
+    """method="auto": decoding steps per arm (vanilla, prompt_lookup, ouroboros)."""
+    auto_events: dict = field(default_factory=lambda: {"probes": 0, "fallbacks": 0, "switches": 0})
+    auto_plans: dict = field(default_factory=dict)
+    """method="auto": how often each arm was the plan's start."""
+    draft_trunks: dict = field(default_factory=lambda: {"full": 0, "partial": 0})
+    """Draft-model trunks the target accepted whole or in part (the draft's acceptance)."""
+
+    def count_events(self, events: dict, plan_start: str) -> None:
+        """Add one generation's acceptance and auto counters."""
+        for name, count in events.items():
+            if name.startswith("auto_") and name.endswith("_steps"):
+                arm = name.removeprefix("auto_").removesuffix("_steps")
+                self.auto_steps[arm] = self.auto_steps.get(arm, 0) + count
+            elif name.removeprefix("auto_") in self.auto_events:
+                self.auto_events[name.removeprefix("auto_")] += count
+            elif name.removeprefix("trunk_") in self.draft_trunks:
+                self.draft_trunks[name.removeprefix("trunk_")] += count
+        if plan_start:
+            self.auto_plans[plan_start] = self.auto_plans.get(plan_start, 0) + 1
 
 
 def render_metrics(m: Metrics, waiting: int, running: int) -> str:
@@ -48,4 +68,13 @@ def render_metrics(m: Metrics, waiting: int, running: int) -> str:
     metric("queue_depth", "gauge", "Requests waiting for the worker.", waiting)
     metric("requests_running", "gauge", "Requests being generated (0 or 1).", running)
     metric("pool_phrases", "gauge", "Phrases in the shared phrase pool.", m.pool_phrases)
+    metric("draft_trunks_total", "counter", "Draft-model trunks accepted whole or in part by the target.",
+           {f'{{result="{k}"}}': v for k, v in m.draft_trunks.items()})
+    metric("auto_plans_total", "counter", 'method="auto": the arm each generation started with.',
+           {f'{{arm="{k}"}}': v for k, v in sorted(m.auto_plans.items())} or 0)
+    metric("auto_steps_total", "counter", 'method="auto": decoding steps run by each arm.',
+           {f'{{arm="{k}"}}': v for k, v in sorted(m.auto_steps.items())} or 0)
+    metric("auto_events_total", "counter",
+           'method="auto": probes of other arms, fallbacks to plain decoding, other switches.',
+           {f'{{event="{k}"}}': v for k, v in m.auto_events.items()})
     return "\n".join(lines) + "\n"

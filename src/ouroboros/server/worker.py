@@ -131,8 +131,10 @@ class Engine:
     """
 
     def __init__(self, target, draft, tokenizer, *, method: str, config: OuroborosConfig, pool: PhrasePool | None,
-                 pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int):
+                 pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int, costs=None):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self.costs = costs
+        """This machine's cost table, for method="auto" (measured once at start)."""
         self.method, self.config, self.pool = method, config, pool
         self.pool_file, self.pool_metadata, self.save_interval = pool_file, pool_metadata, save_interval
         self.max_queue = max_queue
@@ -251,7 +253,7 @@ class Engine:
         try:
             out = generate(self.target, torch.tensor([job.prompt_ids], device=self.target.device), draft=self.draft,
                            method=self.method, max_new_tokens=job.max_tokens, config=self.config,
-                           pool=self.pool, streamer=tracker,
+                           pool=self.pool, streamer=tracker, costs=self.costs,
                            stopping=lambda new_ids: job.cancelled.is_set() or tracker.stopped, **job.sampling)
             tracker.finish()
         except OuroborosError as exc:  # a request `generate` refuses that the schema let through
@@ -283,6 +285,7 @@ class Engine:
                 m.target_forwards += s.target_forwards
                 m.generation_seconds += s.wall_time
                 m.last_tokens_per_second = s.tokens_per_second
+                m.count_events(s.events, s.plan_start)
             job.finished = True
         return finish
 
