@@ -346,12 +346,3 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, progress: bool) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         tokenizer.save_pretrained(out_dir)
 
-
-def __getattr__(name: str):
-    """`load_default_pair` lives in `loading` (one loader for every pair); kept importable from here
-    for code written against earlier versions."""
-    if name == "load_default_pair":
-        from .loading import load_default_pair
-
-        return load_default_pair
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

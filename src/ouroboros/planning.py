@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import OuroborosConfig
-from .costs import CostTable, ModelCosts
+from .costs import CostTable
 from .sizing import CostCurve, choose
 
-CURVE_TOKENS = (1, 2, 4, 8, 16, 32)
 LOOKUP_PRIOR_TOKENS = 1.25
 """Tokens per step assumed for prompt lookup before any is observed: a modest hit rate, so that it
 is tried first only where verifying its draft costs little more than one token."""
@@ -56,22 +55,17 @@ class Plan:
         return f"auto: {self.start}{sizes}: {self.reason}"
 
 
-def curve(costs: ModelCosts, cached: int) -> CostCurve:
-    """The table's forward costs at one cache length, as the cost curve `sizing.choose` takes."""
-    return CostCurve({k: costs.forward(k, cached) for k in CURVE_TOKENS})
-
-
 def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptance: float,
          base: OuroborosConfig, has_draft: bool) -> Plan:
     cached = prompt_tokens + max_new_tokens // 2
-    target = curve(table.target, cached)
+    target = CostCurve.at_cached(table.target, cached)
     one = target.at(1)
     config = choose(target, None, acceptance=acceptance, base=base).config
     lookup_guess = Estimate(LOOKUP_PRIOR_TOKENS, target.at(1 + config.gamma))
     estimates = {"vanilla": Estimate(1.0, one), "prompt_lookup": lookup_guess}
     draft_prefill = 0.0
     if has_draft and table.draft is not None:
-        sizing = choose(target, curve(table.draft, cached), acceptance=acceptance, base=base)
+        sizing = choose(target, CostCurve.at_cached(table.draft, cached), acceptance=acceptance, base=base)
         config = sizing.config
         draft_prefill = table.draft.prefill(prompt_tokens)
         speedup = sizing.predicted.get("ouroboros", 0.0)

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from .config import OuroborosConfig
+from .costs import ModelCosts
 from .errors import ConfigError
 from .files import write_json_atomically
 
 FORMAT = "ouroboros-sizing/1"
 MEASURED_TOKENS = (1, 2, 4, 8, 16)
+CURVE_TOKENS = (1, 2, 4, 8, 16, 32)
 SAMPLE_TEXT = (
     "def fibonacci(n: int) -> list[int]:\n"
     '    """Return the first n Fibonacci numbers."""\n'
@@ -54,6 +56,11 @@ class CostCurve:
     def __post_init__(self) -> None:
         if not self.seconds or any(k < 1 or not s > 0 for k, s in self.seconds.items()):
             raise ConfigError(f"a cost curve needs positive seconds for token counts >= 1, got {self.seconds}")
+
+    @classmethod
+    def at_cached(cls, costs: ModelCosts, cached: int) -> CostCurve:
+        """A cost table's forward costs at one cache length."""
+        return cls({k: costs.forward(k, cached) for k in CURVE_TOKENS})
 
     def at(self, k: int) -> float:
         """Piecewise-linear between measured points; beyond them, linear in k from the nearest."""
@@ -200,7 +207,6 @@ def tune(target, draft, tokenizer=None, *, acceptance: float | None = None, slac
     `method="auto"` also uses, measured on first use); acceptance measured on SAMPLE_TEXT (with
     `tokenizer`) unless given."""
     from .cost_cache import cost_table
-    from .planning import curve
 
     if acceptance is None:
         if tokenizer is None:
@@ -208,7 +214,8 @@ def tune(target, draft, tokenizer=None, *, acceptance: float | None = None, slac
         acceptance = min(draft_agreement(target, draft, tokenizer), 0.99)
     costs = costs if costs is not None else cost_table(target, draft, progress=True)
     cached = min(costs.target.forward_ms)
-    return choose(curve(costs.target, cached), curve(costs.draft, cached) if costs.draft else None,
+    return choose(CostCurve.at_cached(costs.target, cached),
+                  CostCurve.at_cached(costs.draft, cached) if costs.draft else None,
                   acceptance=acceptance, slack=slack, base=base)
 
 
