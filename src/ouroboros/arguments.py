@@ -29,6 +29,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     parser.add_argument("--device", default="cpu", help="torch device for both models (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
+                       help="the compiled fast path (static KV cache + torch.compile) even where it is not "
+                            "expected to pay (default: only where it is)")
+    speed.add_argument("--eager", dest="fast", action="store_const", const=False,
+                       help="the eager runner: no static KV cache, no torch.compile")
+
+
+def fast_from_args(args: argparse.Namespace) -> bool | None:
+    """generate()'s `fast`: True with --fast, False with --eager, else None (where it pays)."""
+    return getattr(args, "fast", None)
 
 
 DEFAULT_METHOD = "auto"

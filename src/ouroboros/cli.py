@@ -15,6 +15,7 @@ from .arguments import (
     check_minimums,
     check_model_arguments,
     config_from_args,
+    fast_from_args,
     is_missing_extra,
     method_help,
     missing_extra,
@@ -52,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = generate(target, input_ids, draft=draft, method=args.method, max_new_tokens=args.max_new_tokens,
                        config=config, streamer=streamer, do_sample=args.temperature > 0,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       seed=args.seed)
+                       seed=args.seed, fast=fast_from_args(args))
     except KeyboardInterrupt:
         streamer.end()
         seconds = time.perf_counter() - start
@@ -115,7 +116,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     apply_threads(args)
     target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
     print(f"measuring on {args.device}, {args.dtype}, {torch.get_num_threads()} threads ...", file=sys.stderr)
-    sizing = tune(target, draft, tokenizer, acceptance=args.acceptance, slack=args.slack, base=base)
+    sizing = tune(target, draft, tokenizer, acceptance=args.acceptance, slack=args.slack, base=base,
+                  fast=fast_from_args(args))
     print(sizing.report())
     if args.out:
         save_sizing(sizing, args.out)

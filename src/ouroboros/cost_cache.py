@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .files import write_json_atomically
 from .model_facts import vocab_size
 from .runner import ModelRunner
+from .static_runner import make_runner, runner_kind
 from .tree import DraftTree
 
 FORMAT = "ouroboros-costs/1"
@@ -66,17 +67,20 @@ def environment_key(model, runner: str = "eager") -> dict:
             "transformers": transformers.__version__}
 
 
-def measure_costs(model, tokens=MEASURED_TOKENS, cached=MEASURED_CACHED, repeats: int = 1) -> ModelCosts:
-    """Forward costs of `model` as it runs in this process: prefill of each length in `cached`, then
-    forwards of k new tokens after it (best of `repeats`, after one untimed warm-up forward)."""
+def measure_costs(model, tokens=MEASURED_TOKENS, cached=MEASURED_CACHED, repeats: int = 1,
+                  runner: ModelRunner | None = None) -> ModelCosts:
+    """Forward costs of `model` on `runner` (default: the eager runner): prefill of each length in
+    `cached`, then forwards of k new tokens after it (best of `repeats`, after untimed warm-ups;
+    on the fast path those also compile)."""
     vocab = vocab_size(model)
     prefix = [(7919 * i + 11) % vocab for i in range(max(cached))]
     other = (prefix[-1] + 1) % vocab  # not the next cached token, so the rewind below drops it
     forward_ms: dict[int, dict[int, float]] = {}
     prefill_ms: dict[int, float] = {}
     with torch.inference_mode():
-        runner = ModelRunner(model)
+        runner = ModelRunner(model) if runner is None else runner
         _timed(runner, prefix[:8], [])  # warm-up: first-call allocations
+        _timed(runner, [other], [1] * (max(tokens) - 1), rewind=prefix[:8])
         for length in sorted(cached):
             runner.rewind([])
             prefill_ms[length] = 1000 * _timed(runner, prefix[:length], [])
@@ -104,10 +108,12 @@ def _timed(runner: ModelRunner, pending: list[int], chain: list[int], rewind: li
     return seconds
 
 
-def model_costs(model, *, runner: str = "eager", cache_dir: str | os.PathLike | None = None,
+def model_costs(model, *, fast: bool | None = False, cache_dir: str | os.PathLike | None = None,
                 progress: bool = False) -> tuple[ModelCosts, float]:
-    """(costs, seconds spent measuring: 0 when cached) for `model` in this process's setting."""
-    key = {"model": fingerprint(model), **environment_key(model, runner)}
+    """(costs, seconds spent measuring: 0 when cached) for `model` in this process's setting, on
+    the runner `generate(fast=fast)` would use."""
+    runner = make_runner(model, fast=fast)
+    key = {"model": fingerprint(model), **environment_key(model, runner_kind(runner))}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     if name in _memory:
         return _memory[name], 0.0
@@ -121,7 +127,7 @@ def model_costs(model, *, runner: str = "eager", cache_dir: str | os.PathLike | 
         print(f"ouroboros: measuring forward costs of {type(model).__name__} on {key['device']} "
               f"({key['dtype']}, {key['threads']} threads) once; cached in {path.parent}", flush=True)
     start = time.perf_counter()
-    costs = measure_costs(model)
+    costs = measure_costs(model, runner=runner)
     spent = time.perf_counter() - start
     _memory[name] = costs
     try:
@@ -156,15 +162,17 @@ def _warn_once(topic: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def cost_table(target, draft=None, *, runner: str = "eager", cache_dir=None, progress: bool = False) -> CostTable:
-    """Costs of the pair as it runs here, measured on first use and cached; `meta["measure_seconds"]`
-    says how long this call spent measuring."""
-    target_costs, spent = model_costs(target, runner=runner, cache_dir=cache_dir, progress=progress)
+def cost_table(target, draft=None, *, fast: bool | None = False, cache_dir=None, progress: bool = False
+               ) -> CostTable:
+    """Costs of the pair as it runs here (on the runner `generate(fast=fast)` uses), measured on
+    first use and cached; `meta["measure_seconds"]` says how long this call spent measuring."""
+    target_costs, spent = model_costs(target, fast=fast, cache_dir=cache_dir, progress=progress)
     draft_costs = None
     if draft is not None:
-        draft_costs, more = model_costs(draft, runner=runner, cache_dir=cache_dir, progress=progress)
+        draft_costs, more = model_costs(draft, fast=fast, cache_dir=cache_dir, progress=progress)
         spent += more
-    meta = {"machine": environment_key(target, runner), "measure_seconds": round(spent, 2)}
+    kind = runner_kind(make_runner(target, fast=fast))
+    meta = {"machine": environment_key(target, kind), "measure_seconds": round(spent, 2)}
     return CostTable(target_costs, draft_costs, meta)
 
 

@@ -18,7 +18,8 @@ from .methods import METHODS, Setup, get_method
 from .model_facts import context_length, eos_token_ids, vocab_size
 from .pool import PhrasePool
 from .proposers import Context
-from .runner import ForwardRecord, ModelRunner, check_tree_attention, decode_step
+from .runner import ForwardRecord, check_tree_attention, decode_step
+from .static_runner import make_runner
 
 MIN_TEMPERATURE = 1e-6
 """Below this, logits / temperature can overflow float32; 0 (greedy) is the limit users mean."""
@@ -83,6 +84,7 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     costs: CostTable | None = None,
+    fast: bool | None = None,
 ) -> GenerationOutput:
     """Generate with `method`; the output is exactly the target's own decoding.
 
@@ -92,6 +94,8 @@ def generate(
     order; unlike transformers, nothing is read from `generation_config`: top_k=0 means off).
     `seed` (or a CPU `generator`) makes sampling reproducible run to run.
 
+    `fast` picks the runner: True the compiled static-cache fast path, False the eager one, None
+    (default) the fast path where it is expected to pay on this device (`static_runner.make_runner`).
     `method="auto"` picks and switches the drafting per step (see `proposers.auto`); it uses `costs`
     (a `CostTable` of this machine) or measures and caches the models' costs on first use.
     `pool=None` starts a fresh phrase pool (cold); pass a `PhrasePool` to carry phrases across calls
@@ -105,11 +109,11 @@ def generate(
     stats = GenerationStats()
     start = time.perf_counter()
     with torch.inference_mode():
-        runner = ModelRunner(target, role="target")
+        runner = make_runner(target, fast=fast, role="target")
         spec = get_method(method)
         pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
-        draft_runner = ModelRunner(draft, role="draft") if spec.takes_draft and draft is not None else None
-        proposer = spec.build(Setup(list(prompt), config, pool, draft_runner, target, max_new_tokens, costs))
+        draft_runner = make_runner(draft, fast=fast, role="draft") if spec.takes_draft and draft is not None else None
+        proposer = spec.build(Setup(list(prompt), config, pool, draft_runner, target, max_new_tokens, costs, fast))
         if streamer is not None:
             streamer.put(input_ids.detach().reshape(1, -1).cpu())
         context = Context(list(prompt), max_new_tokens)

@@ -35,6 +35,8 @@ class Setup:
     max_new_tokens: int = 0
     costs: CostTable | None = None
     """Forward costs of this machine, if the caller has them (auto measures them otherwise)."""
+    fast: bool | None = None
+    """generate()'s runner choice, so that measured costs describe the runner in use."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def _auto(setup: Setup) -> Proposer:
     from .proposers.auto import AutoProposer
 
     draft = setup.draft_runner.model if setup.draft_runner is not None else None
-    table = setup.costs if setup.costs is not None else cost_table(setup.target, draft)
+    table = setup.costs if setup.costs is not None else cost_table(setup.target, draft, fast=setup.fast)
     chosen = plan(table, len(setup.prompt), setup.max_new_tokens, acceptance=AUTO_ACCEPTANCE, base=setup.config,
                   has_draft=draft is not None)
     arms: dict[str, Proposer] = {"vanilla": NullProposer(),

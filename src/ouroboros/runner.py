@@ -22,8 +22,8 @@ from .tree import DraftTree
 
 _TREE_ATTENTION_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-__all__ = ["ForwardRecord", "ModelRunner", "UnsupportedModelError", "check_tree_attention", "decode_step",
-           "text_config"]
+__all__ = ["ForwardLog", "ForwardRecord", "ModelRunner", "UnsupportedModelError", "additive_mask",
+           "check_tree_attention", "decode_step", "move_accepted", "text_config", "tree_inputs"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def check_tree_attention(model) -> None:
 
 def _probe(model, tokens, positions, allowed) -> torch.Tensor:
     runner = ModelRunner(model)
-    mask = runner._additive_mask(allowed, 0)
+    mask = additive_mask(allowed, 0, runner.dtype, runner.device)
     ids = torch.tensor([tokens], device=runner.device)
     pos = torch.tensor([positions], device=runner.device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -110,26 +110,47 @@ def decode_step(runner: ModelRunner, tokens: Sequence[int], tree: DraftTree, ver
     return result
 
 
-class ModelRunner:
-    """Runs one model over pending tokens plus a draft tree with a `DynamicCache`; keeps a log of
-    its forwards (`log`) so that their costs can be studied and replayed."""
+class ForwardLog:
+    """The forward log shared by the runners: one `ForwardRecord` per forward. On CPU a forward is
+    timed when its logits are back; on CUDA (asynchronous) when `keep` runs, after the verification
+    has read the logits."""
 
-    def __init__(self, model, role: str = "target"):
-        self.model = model
+    def __init__(self, model, role: str):
         self.role = role
         self.device = next(model.parameters()).device
+        self.log: list[ForwardRecord] = []
+        self._started: tuple[float, int, int] | None = None
+
+    @property
+    def forwards(self) -> int:
+        return len(self.log) + (self._started is not None)
+
+    def _logged(self, start: float, fed: int, cached: int) -> None:
+        if self.device.type == "cuda":
+            self._started = (start, fed, cached)
+        else:
+            self.log.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start))
+
+    def _log_pending(self) -> None:
+        if self._started is not None:
+            start, fed, cached = self._started
+            self.log.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start))
+            self._started = None
+
+
+class ModelRunner(ForwardLog):
+    """Runs one model over pending tokens plus a draft tree with a `DynamicCache` (the reference
+    runner, and the one for models that cannot use the static-cache fast path)."""
+
+    def __init__(self, model, role: str = "target"):
+        super().__init__(model, role)
+        self.model = model
         self.dtype = next(model.parameters()).dtype
         self.cache_argument = _cache_argument(model)
         self.cache = DynamicCache()
         self.tokens: list[int] = []
         """Token ids whose keys and values are in the cache, in order."""
-        self.log: list[ForwardRecord] = []
         self._last: tuple[int, list[int]] | None = None
-        self._started: tuple[float, int, int] | None = None  # CUDA: the forward timed until `keep`
-
-    @property
-    def forwards(self) -> int:
-        return len(self.log) + (self._started is not None)
 
     def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
         """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
@@ -137,52 +158,29 @@ class ModelRunner:
         if not pending:
             raise InvalidArgumentError("a forward needs at least one pending token (the root)")
         past, p = len(self.tokens), len(pending)
-        node_tokens, rel_positions, tree_mask = tree.layout()
-        q = p + len(node_tokens)
-        allowed = torch.zeros(q, q, dtype=torch.bool)
-        allowed[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
-        allowed[p:, :p] = True
-        allowed[p:, p:] = tree_mask
-        positions = torch.cat([torch.arange(past, past + p), rel_positions + (past + p - 1)])
-        ids = torch.tensor([list(pending) + node_tokens], device=self.device)
+        fed, positions, allowed = tree_inputs(pending, tree, past)
+        ids = torch.tensor([fed], device=self.device)
         start = time.perf_counter()
         out = self.model(
             input_ids=ids,
-            attention_mask=self._additive_mask(allowed, past),
+            attention_mask=additive_mask(allowed, past, self.dtype, self.device),
             position_ids=positions[None].to(self.device),
             use_cache=True,
-            logits_to_keep=len(node_tokens) + 1,
+            logits_to_keep=tree.total + 1,
             **{self.cache_argument: self.cache},
         )
-        self._last = (p, list(pending) + node_tokens)
+        self._last = (p, fed)
         logits = out.logits[0].float()
-        if self.device.type == "cuda":  # asynchronous: the verification's read of the logits ends it
-            self._started = (start, q, past)
-        else:
-            self.log.append(ForwardRecord(self.role, q, past, time.perf_counter() - start, start))
+        self._logged(start, len(fed), past)
         return logits
-
-    def _additive_mask(self, allowed: torch.Tensor, past: int) -> torch.Tensor:
-        """[1, 1, q, past + q] mask in the model's dtype: 0 where visible, dtype-min elsewhere."""
-        q = allowed.shape[0]
-        mask = torch.zeros(q, past + q, dtype=self.dtype, device=self.device)
-        mask[:, past:].masked_fill_(~allowed.to(self.device), torch.finfo(self.dtype).min)
-        return mask[None, None]
 
     def keep(self, path: Sequence[int]) -> None:
         """After `forward`: keep the pending tokens and the accepted tree nodes `path`, drop the rest."""
         p, fed = self._last
-        if self._started is not None:
-            start, q, past = self._started
-            self.log.append(ForwardRecord(self.role, q, past, time.perf_counter() - start, start))
-            self._started = None
+        self._log_pending()
         base = len(self.tokens) + p
         path = list(path)
-        if path != list(range(len(path))):  # accepted nodes are not already in place: move them
-            index = torch.tensor(path, device=self.device) + base
-            for layer in self.cache.layers:
-                layer.keys[..., base:base + len(path), :] = layer.keys[..., index, :]
-                layer.values[..., base:base + len(path), :] = layer.values[..., index, :]
+        move_accepted(self.cache, base, path)
         self.tokens += fed[:p] + [fed[p + i] for i in path]
         self._truncate(len(self.tokens))
         self._last = None
@@ -200,6 +198,45 @@ class ModelRunner:
             if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > length:
                 layer.keys = layer.keys[..., :length, :]
                 layer.values = layer.values[..., :length, :]
+
+
+def tree_inputs(pending: Sequence[int], tree: DraftTree, past: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(token ids, absolute positions [q], visibility [q, q]) for pending tokens followed by `tree`:
+    pending tokens are causal among themselves; every node sees them all and its own ancestors."""
+    p = len(pending)
+    node_tokens, rel_positions, tree_mask = tree.layout()
+    q = p + len(node_tokens)
+    allowed = torch.zeros(q, q, dtype=torch.bool)
+    allowed[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+    allowed[p:, :p] = True
+    allowed[p:, p:] = tree_mask
+    positions = torch.cat([torch.arange(past, past + p), rel_positions + (past + p - 1)])
+    return list(pending) + node_tokens, positions, allowed
+
+
+def additive_mask(allowed: torch.Tensor, past: int, dtype: torch.dtype, device, width: int | None = None
+                  ) -> torch.Tensor:
+    """[1, 1, q, width] mask in `dtype`: the `past` cached slots are visible, the next q slots as
+    `allowed` [q, q] says, and any slot after them (a static cache's unused or stale slots) is
+    hidden. Hidden is dtype-min, not -inf, so that a row seeing nothing still gives finite values."""
+    q = allowed.shape[0]
+    width = past + q if width is None else width
+    mask = torch.full((q, width), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask[:, :past] = 0
+    mask[:, past:past + q].masked_fill_(allowed.to(device), 0)
+    return mask[None, None]
+
+
+def move_accepted(cache, base: int, path: Sequence[int]) -> None:
+    """Copy the keys and values of accepted tree nodes `path` (fed from slot `base` on) to the
+    slots right after `base`, in path order; nothing moves when they are already there."""
+    path = list(path)
+    if path == list(range(len(path))):
+        return
+    for layer in cache.layers:
+        index = torch.tensor(path, device=layer.keys.device) + base
+        layer.keys[..., base:base + len(path), :] = layer.keys[..., index, :]
+        layer.values[..., base:base + len(path), :] = layer.values[..., index, :]
 
 
 def _common_prefix(a: list[int], b: Sequence[int]) -> int:

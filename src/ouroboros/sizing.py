@@ -202,7 +202,7 @@ def draft_agreement(target, draft, tokenizer, text: str = SAMPLE_TEXT) -> float:
 
 
 def tune(target, draft, tokenizer=None, *, acceptance: float | None = None, slack: float = 1.25,
-         base: OuroborosConfig | None = None, costs=None) -> Sizing:
+         base: OuroborosConfig | None = None, costs=None, fast: bool | None = None) -> Sizing:
     """Choose sizes from both models' cost table on this device (`costs`, or the cached table that
     `method="auto"` also uses, measured on first use); acceptance measured on SAMPLE_TEXT (with
     `tokenizer`) unless given."""
@@ -212,7 +212,7 @@ def tune(target, draft, tokenizer=None, *, acceptance: float | None = None, slac
         if tokenizer is None:
             raise ConfigError("give a tokenizer to measure the draft's acceptance, or pass acceptance=")
         acceptance = min(draft_agreement(target, draft, tokenizer), 0.99)
-    costs = costs if costs is not None else cost_table(target, draft, progress=True)
+    costs = costs if costs is not None else cost_table(target, draft, fast=fast, progress=True)
     cached = min(costs.target.forward_ms)
     return choose(CostCurve.at_cached(costs.target, cached),
                   CostCurve.at_cached(costs.draft, cached) if costs.draft else None,

@@ -26,6 +26,7 @@ from ..arguments import (
     check_minimums,
     check_model_arguments,
     config_from_args,
+    fast_from_args,
     require_module,
 )
 from ..cost_cache import cost_table
@@ -89,12 +90,12 @@ REPLAY_NOTE = ("replayed figures: each method's forwards (tokens fed, tokens cac
                "one single-token forward per further token; HF assisted and prompt lookup cannot be replayed")
 
 
-def replay_table(costs: str | None, target, draft) -> CostTable | None:
+def replay_table(costs: str | None, target, draft, fast: bool | None) -> CostTable | None:
     """--costs: a cost file, or "here" for this machine's measured (cached) table."""
     if costs is None:
         return None
     if costs == "here":
-        return cost_table(target, draft, progress=True)
+        return cost_table(target, draft, fast=fast, progress=True)
     return CostTable.load(costs)
 
 
@@ -116,9 +117,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     eos = eos_token_ids(target, tokenizer=tokenizer)
     pad = pad_id(tokenizer, eos)
     bench = Bench(target, draft, tokenizer, eos, pad, chat, args.max_new_tokens, config, args.top_p, args.seed,
-                  args.device)
+                  args.device, fast_from_args(args))
     check_lengths(bench, questions)
-    costs = replay_table(args.costs, target, draft)
+    costs = replay_table(args.costs, target, draft, fast_from_args(args))
     model_id = Path(getattr(target.config, "name_or_path", "") or "target").name
     out = Path(args.out)
     (out / "answers").mkdir(parents=True, exist_ok=True)

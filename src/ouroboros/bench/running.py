@@ -40,6 +40,8 @@ class Method:
     """One PhrasePool across the whole run instead of a fresh one per prompt."""
     disable: str | None = None
     """An OuroborosConfig switch turned off (ablation)."""
+    fast: bool | None = None
+    """Overrides the run's runner choice (e.g. vanilla_eager: plain decoding on the eager runner)."""
 
     @property
     def needs_draft(self) -> bool:
@@ -58,6 +60,7 @@ def contestants() -> dict[str, Method]:
              Method("hf_prompt_lookup", hf="prompt_lookup")]
     table += [Method(name, engine=name) for name in engine_methods()]
     table += [Method("ouroboros_warm", engine="ouroboros", warm=True)]
+    table += [Method(f"{name}_eager", engine=name, fast=False) for name in ("vanilla", "ouroboros", "auto")]
     table += [Method(f"ouroboros_no_{switch}", engine="ouroboros", disable=switch) for switch in ABLATION_SWITCHES]
     return {method.name: method for method in table}
 
@@ -114,6 +117,8 @@ class Bench:
     top_p: float
     seed: int
     device: str
+    fast: bool | None = None
+    """generate()'s runner choice for engine methods (--fast / --eager; None: where it pays)."""
 
 
 # ---------------------------------------------------------------- contestants
@@ -203,7 +208,8 @@ def _run_engine(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_t
     sampling = dict(do_sample=True, temperature=temperature, top_p=bench.top_p, seed=seed) if temperature else {}
     output, seconds = _timed(bench, lambda: generate(
         bench.target, input_ids, draft=bench.draft, method=method.engine, max_new_tokens=max_new_tokens,
-        eos_token_id=bench.eos_ids, config=config, pool=pool, **sampling))
+        eos_token_id=bench.eos_ids, config=config, pool=pool, fast=bench.fast if method.fast is None else method.fast,
+        **sampling))
     stats = output.stats
     return (output.sequences[0, input_ids.shape[1]:].tolist(), seconds, stats.target_forwards, stats.draft_forwards,
             list(stats.accept_lengths), stats.forward_log)

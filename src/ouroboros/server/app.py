@@ -80,7 +80,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                pool_mode: str = "shared", pool_file: str | os.PathLike | None = None,
                pool_save_interval: float = 300.0, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
+               max_queue: int = DEFAULT_MAX_QUEUE, fast: bool | None = None) -> FastAPI:
     """The FastAPI app serving `target` (with `draft`). Raises the package's errors (ValueError
     subclasses) for bad settings or an unusable pool file, before anything is served. The worker
     starts and stops with the app's lifespan."""
@@ -114,8 +114,8 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
     if method == "auto":  # measured (or read from the cache) now, not on the first request
         from ..cost_cache import cost_table
 
-        costs = cost_table(target, draft if uses_draft else None, progress=True)
-    engine = Engine(target, draft, tokenizer, method=method, config=config, pool=pool, costs=costs,
+        costs = cost_table(target, draft if uses_draft else None, fast=fast, progress=True)
+    engine = Engine(target, draft, tokenizer, method=method, config=config, pool=pool, costs=costs, fast=fast,
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
                     save_interval=pool_save_interval, max_queue=max_queue)

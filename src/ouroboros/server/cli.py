@@ -15,6 +15,7 @@ from ..arguments import (
     check_minimums,
     check_model_arguments,
     config_from_args,
+    fast_from_args,
     method_help,
 )
 from ..errors import InvalidArgumentError
@@ -73,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(target, draft, tokenizer, config=config, method=args.method, pool_mode=args.pool_mode,
                      pool_file=args.pool_file, pool_save_interval=args.pool_save_interval, api_key=api_key,
                      model_name=args.model_name, default_max_tokens=args.default_max_tokens,
-                     max_queue=args.max_queue)
+                     max_queue=args.max_queue, fast=fast_from_args(args))
     sock = _listen(args.host, args.port)
     print(banner(f"http://{_url_host(args.host)}:{sock.getsockname()[1]}", app.state.model_name, args.method,
                  api_key is not None, args.max_queue), flush=True)

@@ -131,9 +131,10 @@ class Engine:
     """
 
     def __init__(self, target, draft, tokenizer, *, method: str, config: OuroborosConfig, pool: PhrasePool | None,
-                 pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int, costs=None):
+                 pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int, costs=None,
+                 fast: bool | None = None):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
-        self.costs = costs
+        self.costs, self.fast = costs, fast
         """This machine's cost table, for method="auto" (measured once at start)."""
         self.method, self.config, self.pool = method, config, pool
         self.pool_file, self.pool_metadata, self.save_interval = pool_file, pool_metadata, save_interval
@@ -253,7 +254,7 @@ class Engine:
         try:
             out = generate(self.target, torch.tensor([job.prompt_ids], device=self.target.device), draft=self.draft,
                            method=self.method, max_new_tokens=job.max_tokens, config=self.config,
-                           pool=self.pool, streamer=tracker, costs=self.costs,
+                           pool=self.pool, streamer=tracker, costs=self.costs, fast=self.fast,
                            stopping=lambda new_ids: job.cancelled.is_set() or tracker.stopped, **job.sampling)
             tracker.finish()
         except OuroborosError as exc:  # a request `generate` refuses that the schema let through

@@ -1,0 +1,289 @@
+"""The fast path: a runner with a static KV cache whose forwards can be compiled.
+
+`StaticRunner` has `ModelRunner`'s interface. Its keys and values live in transformers'
+`StaticCache` buffers, written by position: rewinding sets a length (slots past it are masked out
+and overwritten later), keeping the accepted path is an index copy inside the buffers. Each
+forward is padded to one of a few shape buckets; forwards larger than the largest bucket (long
+prompts) run eagerly on the same cache.
+
+Compiled on CUDA: one graph per (bucket, capacity), replayed as CUDA graphs. Compiled on CPU:
+inductor's freezing, which prepacks the weights for oneDNN (what makes it beat eager there), but
+each graph holds its own packed copy of the weights (measured: +1 GB per graph for the 0.5B draft
+in bf16). So on CPU one graph per capacity serves every bucket from 2 to the largest (the new-token
+dimension is dynamic; a single token is padded to 2, which the eager table shows is no slower).
+
+Buffers are pooled per model and reused across generations: under freezing a compiled graph holds
+its cache buffers as attributes, so a graph is only valid for the buffers it was traced with (the
+buffers are marked static with an identity guard, so other buffers get their own graph).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Sequence
+
+import torch
+from transformers import StaticCache
+
+from .errors import InvalidArgumentError, UnsupportedModelError
+from .model_facts import text_config
+from .runner import ForwardLog, ModelRunner, _cache_argument, _common_prefix, additive_mask, move_accepted, tree_inputs
+from .tree import DraftTree
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
+"""New-token counts a forward is padded to; each one is a compiled graph per model and capacity."""
+MIN_CAPACITY = 1024
+"""Smallest cache: capacities are powers of two from here, each one a compiled graph (on CPU one
+more packed copy of the weights), so most generations fit the first one."""
+RECOMPILE_LIMIT = 256
+"""Graphs per model class: buckets x capacities x models sharing one class (target and draft)."""
+
+_LOCK = threading.Lock()
+_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {capacity: [idle StaticCache]}: buffers outlive a generation so graphs stay valid."""
+_COMPILED: dict[tuple[type, str], object] = {}
+"""(model class, device type) -> compiled forward (the unbound function: holds no model)."""
+_BROKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> why compiling it failed: it then runs eagerly on the static cache."""
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {(bucket or None, capacity, cache id)} already compiled, to say when a call will compile."""
+
+
+class StaticRunner(ForwardLog):
+    """`ModelRunner` on a static KV cache, padded to shape buckets; compiled when `compile`."""
+
+    def __init__(self, model, *, compile: bool = False, buckets: Sequence[int] = BUCKETS,
+                 min_capacity: int = MIN_CAPACITY, progress: bool = True, role: str = "target"):
+        check_static_support(model)
+        super().__init__(model, role)
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+        self.cache_argument = _cache_argument(model)
+        self.compile = compile
+        self.dynamic = compile and self.device.type == "cpu"
+        """One graph for all buckets (dynamic new-token count, at least 2): one packed weight copy."""
+        self.buckets = tuple(sorted(b for b in buckets if b >= 2 or not self.dynamic)) or (2,)
+        self.min_capacity = min_capacity
+        self.progress = progress
+        self.cache: StaticCache | None = None
+        self.capacity = 0
+        self.tokens: list[int] = []
+        """Token ids whose keys and values are in the cache, in order."""
+        self._last: tuple[int, list[int]] | None = None
+        self._release = None
+
+    def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
+        """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
+        the last pending token (the root) and every tree node, in tree order."""
+        if not pending:
+            raise InvalidArgumentError("a forward needs at least one pending token (the root)")
+        past, p = len(self.tokens), len(pending)
+        fed, positions, allowed = tree_inputs(pending, tree, past)
+        q = len(fed)
+        bucket = next((b for b in self.buckets if b >= q), None)
+        size = bucket or q
+        self._reserve(past + size)
+        ids = torch.tensor(fed, device=self.device)
+        if size > q:  # padding: token 0 at the last position, seeing only itself; its slot is stale
+            pad = size - q
+            ids = torch.cat([ids, ids.new_zeros(pad)])
+            positions = torch.cat([positions, positions[-1:].expand(pad)])
+            allowed = torch.block_diag(allowed, torch.eye(pad, dtype=torch.bool))
+        for layer in self.cache.layers:  # the model writes its new keys and values from here
+            layer.cumulative_length.fill_(past)
+        inputs = dict(input_ids=ids[None], attention_mask=additive_mask(allowed, past, self.dtype, self.device,
+                                                                        width=self.capacity),
+                      position_ids=positions[None].to(self.device), use_cache=True,
+                      **{self.cache_argument: self.cache})
+        start = time.perf_counter()
+        logits = self._run(bucket, inputs).logits[0, p - 1:q]
+        self._last = (p, fed)
+        # CUDA graphs reuse their output buffers: copy out (in float32 that is not otherwise a copy)
+        logits = logits.to(torch.float32, copy=self._compiled() and self.device.type == "cuda")
+        self._logged(start, q, past)
+        return logits
+
+    def keep(self, path: Sequence[int]) -> None:
+        """After `forward`: keep the pending tokens and the accepted tree nodes `path`, drop the rest."""
+        p, fed = self._last
+        self._log_pending()
+        path = list(path)
+        move_accepted(self.cache, len(self.tokens) + p, path)
+        self.tokens += fed[:p] + [fed[p + i] for i in path]
+        self._last = None
+
+    def rewind(self, sequence: Sequence[int]) -> list[int]:
+        """Drop cached tokens after the longest prefix shared with `sequence`; return the pending rest."""
+        del self.tokens[_common_prefix(self.tokens, sequence):]
+        return list(sequence[len(self.tokens):])
+
+    def _compiled(self) -> bool:
+        return self.compile and self.model not in _BROKEN
+
+    def _run(self, bucket: int | None, inputs: dict):
+        initialized = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
+        if bucket is None or not initialized or not self._compiled():
+            out = self.model(**inputs)
+            if not initialized:
+                _guard_buffers(self.cache)
+            return out
+        key = (None if self.dynamic else bucket, self.capacity, id(self.cache))
+        seen = _GRAPHS.setdefault(self.model, set())
+        start = time.perf_counter()
+        if key not in seen and self.progress:
+            tokens = f"{self.buckets[0]}-{self.buckets[-1]}" if self.dynamic else f"{bucket}"
+            print(f"ouroboros: compiling {type(self.model).__name__} for {tokens} new tokens, "
+                  f"cache {self.capacity} ...", file=sys.stderr, end="", flush=True)
+        try:
+            out = _call_compiled(self.model, self.device.type, inputs,
+                                 (self.buckets[0], self.buckets[-1]) if self.dynamic else None)
+        except Exception as exc:  # any compiler failure: say why, run eagerly
+            if key not in seen and self.progress:
+                print(" failed", file=sys.stderr, flush=True)
+            _BROKEN[self.model] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            warnings.warn(f"torch.compile failed for {type(self.model).__name__} ({_BROKEN[self.model]}); "
+                          "running it eagerly on the static cache", stacklevel=3)
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(len(self.tokens))
+            return self.model(**inputs)
+        if key not in seen:
+            seen.add(key)
+            if self.progress:
+                print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        return out
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for `needed` slots: a bigger pooled cache, the cached keys and values copied in."""
+        if needed <= self.capacity:
+            return
+        capacity = self.min_capacity
+        while capacity < needed:
+            capacity *= 2
+        old, old_release = self.cache, self._release
+        self.cache = _acquire(self.model, capacity)
+        self.capacity = capacity
+        self._release = weakref.finalize(self, _give_back, self.model, capacity, self.cache)
+        if old is not None:
+            first = old.layers[0]
+            if getattr(first, "is_initialized", False):
+                if not getattr(self.cache.layers[0], "is_initialized", False):
+                    self.cache.early_initialization(first.keys.shape[0], [layer.keys.shape[1] for layer in old.layers],
+                                                    [layer.keys.shape[-1] for layer in old.layers],
+                                                    first.keys.dtype, first.keys.device)
+                    _guard_buffers(self.cache)
+                length = len(self.tokens)
+                for new, layer in zip(self.cache.layers, old.layers):
+                    new.keys[..., :length, :] = layer.keys[..., :length, :]
+                    new.values[..., :length, :] = layer.values[..., :length, :]
+            old_release()
+
+
+def check_static_support(model) -> None:
+    """Raise UnsupportedModelError, saying why, if `model` cannot run on a static cache."""
+    name = type(model).__name__
+    config = text_config(model)
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=1)
+    except Exception as exc:  # the config has no static cache layout
+        raise UnsupportedModelError(f"{name} has no static KV cache layout: {exc}") from exc
+    if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
+        raise UnsupportedModelError(f"{name} needs cache layers other than full attention ({config.model_type})")
+    _cache_argument(model)
+
+
+def compile_blocker(model) -> str | None:
+    """Why `model` cannot be compiled here, or None."""
+    name = type(model).__name__
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return f"transformers does not mark {name} as compilable (_can_compile_fullgraph)"
+    if model in _BROKEN:
+        return f"compiling {name} failed earlier ({_BROKEN[model]})"
+    device = next(model.parameters()).device
+    if device.type not in ("cpu", "cuda"):
+        return f"no compiled fast path on {device.type}"
+    return None
+
+
+def compile_not_worth(model) -> str | None:
+    """Why compiling `model` is not expected to pay on this device, or None (then `fast=None` compiles)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if device.type == "cuda":
+        return None
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"{type(model).__name__} is {dtype}: on CPU compiling pays for bf16/fp16 weights (oneDNN prepacking)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512") and "AMX" not in capability:
+        return f"this CPU ({capability}) has no AVX-512: compiled forwards were not measured faster here"
+    return None
+
+
+def make_runner(model, *, fast: bool | None = None, role: str = "target"):
+    """The runner for `model`: a compiled `StaticRunner` when `fast` is True, or None and it pays
+    on this device; otherwise, or where it cannot work, `ModelRunner`, saying why in one line."""
+    if fast is False:
+        return ModelRunner(model, role=role)
+    reason = compile_blocker(model) or (None if fast else compile_not_worth(model))
+    if reason is None:
+        try:
+            return StaticRunner(model, compile=True, role=role)
+        except UnsupportedModelError as exc:
+            reason = str(exc)
+    if fast:
+        warnings.warn(f"fast path off, using the eager runner: {reason}", stacklevel=2)
+    else:
+        logger.info("fast path off, using the eager runner: %s", reason)
+    return ModelRunner(model, role=role)
+
+
+def runner_kind(runner) -> str:
+    """"compiled" or "eager": what a cost table measured with `runner` describes."""
+    return "compiled" if isinstance(runner, StaticRunner) and runner.compile else "eager"
+
+
+def _call_compiled(model, device_type: str, inputs: dict, dynamic: tuple[int, int] | None = None):
+    """The model's forward through torch.compile: freezing (weights prepacked as constants) on CPU,
+    CUDA graphs on GPU; with `dynamic` (min, max), one graph for every new-token count in that range.
+    Inductor keeps compiled graphs on disk (its FX graph cache, under TORCHINDUCTOR_CACHE_DIR, default
+    /tmp/torchinductor_$USER), so a later process compiles faster."""
+    key = (type(model), device_type)
+    with _LOCK:
+        if key not in _COMPILED:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            mode = "reduce-overhead" if device_type == "cuda" else None
+            _COMPILED[key] = torch.compile(type(model).forward, dynamic=False, mode=mode)
+    if dynamic is not None:
+        low, high = dynamic
+        for name, dim in (("input_ids", 1), ("position_ids", 1), ("attention_mask", 2)):
+            torch._dynamo.mark_dynamic(inputs[name], dim, min=low, max=high)
+    if device_type == "cuda":
+        return _COMPILED[key](model, **inputs)
+    with torch._inductor.config.patch(freezing=True):
+        return _COMPILED[key](model, **inputs)
+
+
+def _guard_buffers(cache: StaticCache) -> None:
+    """Mark the buffers static with an identity guard: a graph traced on them is not reused on others."""
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values, layer.cumulative_length):
+            torch._dynamo.mark_static_address(tensor, guard=True)
+
+
+def _acquire(model, capacity: int) -> StaticCache:
+    with _LOCK:
+        free = _FREE.setdefault(model, {}).get(capacity)
+        if free:
+            return free.pop()
+    return StaticCache(config=model.config, max_cache_len=capacity)
+
+
+def _give_back(model, capacity: int, cache: StaticCache) -> None:
+    with _LOCK:
+        _FREE.setdefault(model, {}).setdefault(capacity, []).append(cache)
