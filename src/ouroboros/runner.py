@@ -188,8 +188,9 @@ class ModelRunner:
         self._last = None
 
     def rewind(self, sequence: Sequence[int]) -> list[int]:
-        """Crop the cache to its longest prefix shared with `sequence`; return the pending rest."""
-        common = _common_prefix(self.tokens, sequence)
+        """Crop the cache to its longest prefix shared with `sequence`, short of its last token (the
+        root, whose logits the next forward needs, even when a draft ran ahead); return the rest."""
+        common = min(_common_prefix(self.tokens, sequence), len(sequence) - 1)
         if common < len(self.tokens):
             del self.tokens[common:]
             self._truncate(common)
