@@ -44,10 +44,32 @@ class OuroborosConfig:
     """Learn phrases from the target's outputs on rejected and tried tokens."""
     context_phrases: bool = True
     """Seed the pool with n-grams of the prompt and of the output so far."""
+    adaptive_length: bool = False
+    """Draft while the draft model is confident: stop once the estimated chance that the whole
+    draft is accepted (the draft's top-1 probabilities, calibrated online on the target's verdicts)
+    falls below `stop_below`, or at `draft_cap` tokens; off: stop at `gamma`."""
+    stop_below: float = 0.5
+    """Estimated acceptance of the whole draft below which adaptive drafting stops."""
+    draft_cap: int = 12
+    """Most tokens an adaptive draft may reach (phrases that overshoot are kept up to the budget)."""
+    draft_free: bool = False
+    """Verify the context's own continuation (the longest earlier match of its last tokens) without
+    running the draft model, when that match is at least `free_match` tokens long."""
+    free_match: int = 4
+    """Suffix match length from which a step goes draft-free."""
+    spread_branches: bool = False
+    """Fill the target's forward up to `verify_budget` tokens with branches at several points: the
+    draft's runner-up where it was unsure, the context's and the pool's continuations."""
+    verify_budget: int = 16
+    """Most tokens (tree plus root) one target forward verifies with `spread_branches` (where a forward
+    still costs about one token's: ~16 on AVX-512-bf16 CPUs and GPUs)."""
+    likely_phrases: bool = False
+    """On the draft model, check the context's continuation of its longest suffix match (up to
+    `draft_cap` tokens) before pool phrases, and pool phrases only when seen more than once."""
 
     def __post_init__(self) -> None:
         minimum = {"gamma": 1, "window": 1, "level": 2, "pool_size": 1, "step_phrases": 0,
-                   "branches": 0, "max_ngram": 1}
+                   "branches": 0, "max_ngram": 1, "draft_cap": 1, "free_match": 1, "verify_budget": 2}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", int):
@@ -55,6 +77,9 @@ class OuroborosConfig:
                     raise ConfigError(f"OuroborosConfig.{f.name} must be an int, got {value!r}")
                 if value < minimum[f.name]:
                     raise ConfigError(f"OuroborosConfig.{f.name} must be >= {minimum[f.name]}, got {value}")
+            elif f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                    raise ConfigError(f"OuroborosConfig.{f.name} must be a number in (0, 1), got {value!r}")
             elif not isinstance(value, bool):
                 raise ConfigError(f"OuroborosConfig.{f.name} must be a bool, got {value!r}")
         for name in ("step_phrases", "branches"):

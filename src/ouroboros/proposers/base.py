@@ -40,6 +40,8 @@ class Proposal:
     """Node ids of the draft model's continuation, root to leaf (empty without a draft model)."""
     tried: tuple[tuple[Phrase, tuple[int, ...]], ...] = ()
     """Pool phrases hung after the trunk as branches, each with its node ids."""
+    confidence: tuple[float, ...] = ()
+    """The draft model's top-1 probability for each trunk token (empty when it did not draft)."""
 
     def __post_init__(self) -> None:
         self.tree.freeze()
