@@ -11,7 +11,7 @@ near-ties may flip a token). Figures are "replayed on <table>", never measured: 
 
 Variants: `today` is `ouroboros` with every adaptive switch off (the method before issue 11);
 `adaptive` is the default `OuroborosConfig`; `ablation` adds `adaptive` with each of
-`bench.ADAPTIVE_SWITCHES` flipped in turn.
+`config.ADAPTIVE_SWITCHES` flipped in turn.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import fields, replace
 
 import torch
 
-from ouroboros.bench import ADAPTIVE_SWITCHES, load_humaneval
-from ouroboros.config import OuroborosConfig
+from ouroboros.bench import load_humaneval
+from ouroboros.config import ADAPTIVE_SWITCHES, OuroborosConfig
 from ouroboros.costs import CostTable, vanilla_log
 from ouroboros.default_pair import load_default_pair
 from ouroboros.generation import generate
@@ -31,7 +31,7 @@ from ouroboros.generation import generate
 
 def variants(names: list[str], extra: dict) -> dict[str, OuroborosConfig]:
     adaptive = OuroborosConfig()
-    today = replace(adaptive, **{switch: False for switch in ADAPTIVE_SWITCHES})
+    today = adaptive.classic()
     table = {}
     for name in names:
         if name == "today":
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     table = CostTable.load(args.costs)
-    configs = variants(args.variants.split(","), json.loads(args.extra))
+    configs = variants([name for name in args.variants.split(",") if name], json.loads(args.extra))
     target, draft, tok = load_default_pair(dtype=torch.bfloat16, progress=False)
     eos = target.generation_config.eos_token_id
     questions = load_humaneval()

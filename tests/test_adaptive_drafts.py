@@ -48,19 +48,20 @@ def test_acceptance_estimate_learns_from_verdicts():
 
 
 def test_adaptive_length_drafts_further_when_confident():
-    """The target as its own draft: a low stop threshold drafts up to the cap, a high one stops
-    after the first unsure token; both drafts are the draft's own greedy chain."""
+    """The target as its own draft: where draft forwards are nearly free it drafts up to the cap,
+    where they cost nearly a target forward it stops after the first unsure token; both drafts are
+    the draft's own greedy chain."""
     model = tiny_model("llama", seed=0, vocab=VOCAB)
     context = Context(PATTERN * 2, 40)
     lengths = {}
     with torch.inference_mode():
-        for stop in (1e-9, 0.99):
-            drafting, _ = proposer(ModelRunner(model, role="draft"), adaptive_length=True, stop_below=stop,
+        for cost in (1e-9, 0.99):
+            drafting, _ = proposer(ModelRunner(model, role="draft"), adaptive_length=True, draft_cost=cost,
                                    draft_cap=10)
             drafted, confidence, runner_up = drafting.draft(context)
             assert len(drafted) == len(confidence) == len(runner_up)
             assert all(0 < p <= 1 for p in confidence) and all(a != b for a, b in zip(drafted, runner_up))
-            lengths[stop] = drafted
+            lengths[cost] = drafted
     assert len(lengths[1e-9]) == 10 and len(lengths[0.99]) == 1
     assert lengths[1e-9][:1] == lengths[0.99]
 
@@ -110,7 +111,7 @@ def test_likely_phrases_check_the_contexts_continuation_and_repeated_pool_phrase
     assert tree.path_tokens(range(6)) == PATTERN[3:] + PATTERN[:1]
     assert (92, 93) in [tuple(tree.tokens[i:i + 2]) for i in range(tree.size)]
     assert 90 not in tree.tokens
-    plain = LookaheadProposer(pool, config.__class__(level=3, pool_size=4, step_phrases=2), seed=[1])
+    plain = LookaheadProposer(pool, config.classic(), seed=[1])
     assert plain.propose(Context(PATTERN * 2 + PATTERN[:3], 30)).tree.tokens == [92, 93, 90, 91]
 
 
@@ -118,9 +119,11 @@ def test_calibration_lengthens_the_drafts_of_an_always_right_draft():
     """The target as its own draft is always right but unsure (a tiny random model): adaptive
     drafts start short, and grow as the estimate learns that such tokens are accepted anyway."""
     model = tiny_model("llama", seed=0, vocab=VOCAB)
-    config = OuroborosConfig(adaptive_length=True, draft_cap=8)
+    config = OuroborosConfig(adaptive_length=True, draft_free=False, spread_branches=False, likely_phrases=False,
+                             draft_cap=8, draft_cost=0.2)
     out = generate(model, torch.tensor([PATTERN * 2]), draft=model, max_new_tokens=60, eos_token_id=[],
                    config=config)
     lengths = out.stats.accept_lengths
     assert "trunk_partial" not in out.stats.events
-    assert lengths[1] < 5 and max(lengths[-4:-1]) >= 8
+    late = lengths[len(lengths) // 2:]
+    assert sum(late) / len(late) > 1.5 * sum(lengths[:3]) / 3

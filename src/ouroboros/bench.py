@@ -31,14 +31,12 @@ from pathlib import Path
 
 import torch
 
-from .config import OuroborosConfig
+from .config import ADAPTIVE_SWITCHES, OuroborosConfig
 from .pool import PhrasePool
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 """Spec-Bench reports these eight MT-bench categories as one group, "mt_bench"."""
 
-ADAPTIVE_SWITCHES = ("adaptive_length", "draft_free", "spread_branches", "likely_phrases")
-"""The switches of issue 11 (drafts shaped per step), off in the paper's Ouroboros."""
 ABLATION_SWITCHES = ("phrase_drafting", "lengthen", "harvest", "context_phrases") + ADAPTIVE_SWITCHES
 BASELINE = "hf_vanilla"
 WARMUP_TOKENS = 16

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import ConfigError
+
+ADAPTIVE_SWITCHES = ("adaptive_length", "draft_free", "spread_branches", "likely_phrases")
+"""The switches that shape each step's draft (issue 11); only `ouroboros` uses them."""
 
 
 @dataclass(frozen=True)
@@ -44,26 +47,28 @@ class OuroborosConfig:
     """Learn phrases from the target's outputs on rejected and tried tokens."""
     context_phrases: bool = True
     """Seed the pool with n-grams of the prompt and of the output so far."""
-    adaptive_length: bool = False
-    """Draft while the draft model is confident: stop once the estimated chance that the whole
+    adaptive_length: bool = True
+    """Draft while it pays: after each draft forward, stop once the estimated chance that the whole
     draft is accepted (the draft's top-1 probabilities, calibrated online on the target's verdicts)
-    falls below `stop_below`, or at `draft_cap` tokens; off: stop at `gamma`."""
-    stop_below: float = 0.5
-    """Estimated acceptance of the whole draft below which adaptive drafting stops."""
+    is below what a draft forward costs in tokens at the rate observed so far (`draft_cost` times
+    tokens per target-forward time), or at `draft_cap` tokens; off: stop at `gamma`."""
+    draft_cost: float = 0.4
+    """A draft forward's cost in target forwards (`ouroboros tune` measures it; 0.4 on the reference
+    AVX-512-bf16 CPU): what an extra draft forward must earn back."""
     draft_cap: int = 12
     """Most tokens an adaptive draft may reach (phrases that overshoot are kept up to the budget)."""
-    draft_free: bool = False
+    draft_free: bool = True
     """Verify the context's own continuation (the longest earlier match of its last tokens) without
     running the draft model, when that match is at least `free_match` tokens long."""
     free_match: int = 4
     """Suffix match length from which a step goes draft-free."""
-    spread_branches: bool = False
+    spread_branches: bool = True
     """Fill the target's forward up to `verify_budget` tokens with branches at several points: the
     draft's runner-up where it was unsure, the context's and the pool's continuations."""
     verify_budget: int = 16
     """Most tokens (tree plus root) one target forward verifies with `spread_branches` (where a forward
     still costs about one token's: ~16 on AVX-512-bf16 CPUs and GPUs)."""
-    likely_phrases: bool = False
+    likely_phrases: bool = True
     """On the draft model, check the context's continuation of its longest suffix match (up to
     `draft_cap` tokens) before pool phrases, and pool phrases only when seen more than once."""
 
@@ -90,3 +95,7 @@ class OuroborosConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def classic(self) -> OuroborosConfig:
+        """This config with every adaptive switch off: the methods that predate them."""
+        return replace(self, **{switch: False for switch in ADAPTIVE_SWITCHES})

@@ -85,6 +85,8 @@ class DraftModelProposer:
         self.harvest = harvest
         self.context_phrases = context_phrases
         self.estimate = AcceptanceEstimate()
+        self.tokens, self.spent = 2.0, 1.0 + config.draft_cost
+        """Tokens emitted and their cost in target forwards so far (a prior of one 2-token step)."""
 
     def draft(self, context: Context) -> tuple[list[int], list[float], list[int]]:
         """The draft model's greedy continuation (at least min(gamma, budget) tokens, or as far as
@@ -104,10 +106,11 @@ class DraftModelProposer:
             runner_up += [result.runner_up[row] for row in rows]
             drafted += result.emitted
             tokens += result.emitted
+            self.spent += self.config.draft_cost
             if adaptive:
                 for probability in confidence[-len(rows):]:
                     chance *= self.estimate(probability)
-                if chance < self.config.stop_below:
+                if chance < self.config.draft_cost * self.tokens / self.spent:
                     break
         keep = max(budget, 0)
         return drafted[:keep], confidence[:keep], runner_up[:keep]
@@ -165,6 +168,8 @@ class DraftModelProposer:
     def learn(self, context: Context, proposal: Proposal, result: StepResult) -> None:
         trunk = proposal.trunk
         accepted = _shared_prefix(result.path, trunk)
+        self.tokens += len(result.emitted)
+        self.spent += 1
         for i, probability in enumerate(proposal.confidence[:accepted + 1]):
             self.estimate.update(probability, i < accepted)
         self._count_events(proposal, result, accepted)
