@@ -36,7 +36,8 @@ class GenerationStats:
     """Seconds for the whole call, prefill included."""
     events: dict[str, int] = field(default_factory=dict)
     """Acceptance paths taken: trunk_full, trunk_partial, branch_accepted, branch_rejected,
-    phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step)."""
+    phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step), draft_free (steps
+    verified without the draft model), spread_accepted (a spread branch was accepted)."""
     forward_log: list[ForwardRecord] = field(default_factory=list)
     """Every forward of both models, in order: model, tokens fed, tokens cached, seconds."""
 

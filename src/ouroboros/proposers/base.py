@@ -33,7 +33,7 @@ class Proposal:
     """One step's draft, handed back to `learn` with the verdict.
 
     The tree is frozen when the proposal is made: `tree.sources[i]` says where trie node i came
-    from ("draft", "pool", "context", "branch")."""
+    from ("draft", "pool", "context", "branch", "spread")."""
 
     tree: DraftTree
     trunk: tuple[int, ...] = ()

@@ -163,7 +163,7 @@ class DraftModelProposer:
             room = self.config.verify_budget - 1 - tree.size
             if room <= 0:
                 break
-            _add_within(tree, tokens, parent, room, "branch")
+            _add_within(tree, tokens, parent, room, "spread")
 
     def learn(self, context: Context, proposal: Proposal, result: StepResult) -> None:
         trunk = proposal.trunk
@@ -186,6 +186,8 @@ class DraftModelProposer:
             self.events["trunk_full" if accepted == len(trunk) else "trunk_partial"] += 1
         if proposal.tried and accepted == len(trunk):
             self.events["branch_accepted" if len(result.path) > accepted else "branch_rejected"] += 1
+        if any(proposal.tree.sources[node] == "spread" for node in result.path):
+            self.events["spread_accepted"] += 1
         self.events.update(self.drafter.events)
         self.drafter.events.clear()
 
