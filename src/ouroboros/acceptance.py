@@ -69,11 +69,13 @@ def greedy_verify(tree: DraftTree, logits: torch.Tensor) -> StepResult:
 
 def confident_verify(tree: DraftTree, logits: torch.Tensor) -> StepResult:
     """Greedy verification that also keeps each row's top-1 probability and runner-up token."""
+    best = logits.argmax(dim=-1)  # [rows]: argmax's tie-break, so the draft is greedy_verify's
     top = torch.softmax(logits, dim=-1).topk(2, dim=-1)  # values, indices: [rows, 2]
-    argmax = top.indices[:, 0].tolist()
+    runner_up = torch.where(top.indices[:, 0] == best, top.indices[:, 1], top.indices[:, 0])
+    argmax = best.tolist()
     result = _walk(tree, argmax.__getitem__, argmax)
     result.confidence = top.values[:, 0].tolist()
-    result.runner_up = top.indices[:, 1].tolist()
+    result.runner_up = runner_up.tolist()
     return result
 
 
