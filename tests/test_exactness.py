@@ -132,6 +132,14 @@ configs = st.builds(
     lengthen=st.booleans(),
     harvest=st.booleans(),
     context_phrases=st.booleans(),
+    adaptive_length=st.booleans(),
+    draft_cost=st.floats(0.05, 0.95),
+    draft_cap=st.integers(1, 12),
+    draft_free=st.booleans(),
+    free_match=st.integers(1, 5),
+    spread_branches=st.booleans(),
+    verify_budget=st.integers(2, 20),
+    likely_phrases=st.booleans(),
 )
 
 

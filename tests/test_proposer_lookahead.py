@@ -13,7 +13,7 @@ def test_pool_phrases_of_the_root_are_proposed_newest_first():
     pool = PhrasePool(level=4, capacity=4)
     pool.insert(7, (8, 9, 10))
     pool.insert(7, (1, 2, 3))
-    proposer = LookaheadProposer(pool, OuroborosConfig(window=1, step_phrases=2), seed=[7])
+    proposer = LookaheadProposer(pool, OuroborosConfig(window=1, step_phrases=2).classic(), seed=[7])
     tree = proposer.propose(Context([5, 7], 100)).tree
     assert tree.tokens == [1, 2, 3, 8, 9, 10] and set(tree.sources) == {"pool"}
 

@@ -25,9 +25,13 @@ SETTINGS = {
     "topk": dict(temperature=1.0, top_k=3),
     "topp": dict(temperature=1.0, top_p=0.9),
 }
-CONFIG = OuroborosConfig(gamma=1, window=2, level=3, pool_size=3, step_phrases=2, branches=2)
+CONFIG = OuroborosConfig(gamma=1, window=2, level=3, pool_size=3, step_phrases=2, branches=2).classic()
 # Without draft-side phrases the trunk stays short, leaving room under the 3-token budget for branches.
-BRANCHY = OuroborosConfig(gamma=1, window=2, level=3, pool_size=3, step_phrases=0, branches=3)
+BRANCHY = OuroborosConfig(gamma=1, window=2, level=3, pool_size=3, step_phrases=0, branches=3).classic()
+# Every adaptive switch on, drafts cut short by a costly draft and a tight budget, so that
+# runner-up and context branches and draft-free steps all happen within 3 new tokens.
+ADAPTIVE = OuroborosConfig(window=2, level=3, pool_size=3, step_phrases=2, branches=1, draft_cost=0.9,
+                           draft_cap=2, free_match=2, verify_budget=5)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +122,19 @@ def test_methods_sample_the_target_distribution(pair, method):
     if method == "ouroboros":
         for path in ("trunk_full", "trunk_partial", "branch_accepted", "branch_rejected", "phrase_accepted"):
             assert events[path] > 0, (path, events)
+
+
+def test_adaptive_drafts_sample_the_target_distribution(pair):
+    """Adaptive drafts depend on past verdicts (calibration) and on the context (draft-free steps),
+    never on the sample being drawn: the output distribution is still the target's."""
+    target, draft = pair
+    events = Counter()
+    for name in ("t1", "topk"):
+        counts, seen = draw(target, draft, "ouroboros", SETTINGS[name], config=ADAPTIVE)
+        assert chi_square_p_value(counts, exact_distribution(target, SETTINGS[name]), DRAWS) > ALPHA, name
+        events.update(seen)
+    for path in ("trunk_full", "trunk_partial", "draft_free", "spread_accepted"):
+        assert events[path] > 0, (path, events)
 
 
 def test_a_biased_verifier_is_caught(pair, monkeypatch):

@@ -15,7 +15,7 @@ so branches sharing a prefix share its sample and no token is drawn from a biase
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.logits_process import (
@@ -37,6 +37,11 @@ class StepResult:
     """Accepted tree nodes, root to leaf."""
     argmax: list[int]
     """Target argmax at the root (index 0) and at every tree node i (index i + 1), for learning."""
+    confidence: list[float] = field(default_factory=list)
+    """Top-1 probability per row like `argmax` (only from `confident_verify`: a draft model's
+    certainty, which decides how far to draft)."""
+    runner_up: list[int] = field(default_factory=list)
+    """Second most likely token per row like `argmax` (only from `confident_verify`)."""
 
 
 def check_finite(logits: torch.Tensor) -> None:
@@ -60,6 +65,18 @@ def _walk(tree: DraftTree, choose: Callable[[int], int], argmax: list[int]) -> S
 def greedy_verify(tree: DraftTree, logits: torch.Tensor) -> StepResult:
     argmax = logits.argmax(dim=-1).tolist()
     return _walk(tree, argmax.__getitem__, argmax)
+
+
+def confident_verify(tree: DraftTree, logits: torch.Tensor) -> StepResult:
+    """Greedy verification that also keeps each row's top-1 probability and runner-up token."""
+    best = logits.argmax(dim=-1)  # [rows]: argmax's tie-break, so the draft is greedy_verify's
+    top = torch.softmax(logits, dim=-1).topk(2, dim=-1)  # values, indices: [rows, 2]
+    runner_up = torch.where(top.indices[:, 0] == best, top.indices[:, 1], top.indices[:, 0])
+    argmax = best.tolist()
+    result = _walk(tree, argmax.__getitem__, argmax)
+    result.confidence = top.values[:, 0].tolist()
+    result.runner_up = runner_up.tolist()
+    return result
 
 
 class Sampler:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import ConfigError
+
+ADAPTIVE_SWITCHES = ("adaptive_length", "draft_free", "spread_branches", "likely_phrases")
+"""The switches that shape each step's draft (issue 11); only `ouroboros` uses them."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,34 @@ class OuroborosConfig:
     """Learn phrases from the target's outputs on rejected and tried tokens."""
     context_phrases: bool = True
     """Seed the pool with n-grams of the prompt and of the output so far."""
+    adaptive_length: bool = True
+    """Draft while it pays: after each draft forward, stop once the estimated chance that the whole
+    draft is accepted (the draft's top-1 probabilities, calibrated online on the target's verdicts)
+    is below what a draft forward costs in tokens at the rate observed so far (`draft_cost` times
+    tokens per target-forward time), or at `draft_cap` tokens; off: stop at `gamma`."""
+    draft_cost: float = 0.4
+    """A draft forward's cost in target forwards (`ouroboros tune` measures it; 0.4 on the reference
+    AVX-512-bf16 CPU): what an extra draft forward must earn back."""
+    draft_cap: int = 12
+    """Most tokens an adaptive draft may reach (phrases that overshoot are kept up to the budget)."""
+    draft_free: bool = True
+    """Verify the context's own continuation (the longest earlier match of its last tokens) without
+    running the draft model, when that match is at least `free_match` tokens long."""
+    free_match: int = 4
+    """Suffix match length from which a step goes draft-free."""
+    spread_branches: bool = True
+    """Fill the target's forward up to `verify_budget` tokens with branches at several points: the
+    draft's runner-up where it was unsure, the context's and the pool's continuations."""
+    verify_budget: int = 16
+    """Most tokens (tree plus root) one target forward verifies with `spread_branches` (where a forward
+    still costs about one token's: ~16 on AVX-512-bf16 CPUs and GPUs)."""
+    likely_phrases: bool = True
+    """On the draft model, check the context's continuation of its longest suffix match (up to
+    `draft_cap` tokens) before pool phrases, and pool phrases only when seen more than once."""
 
     def __post_init__(self) -> None:
         minimum = {"gamma": 1, "window": 1, "level": 2, "pool_size": 1, "step_phrases": 0,
-                   "branches": 0, "max_ngram": 1}
+                   "branches": 0, "max_ngram": 1, "draft_cap": 1, "free_match": 1, "verify_budget": 2}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", int):
@@ -55,6 +82,9 @@ class OuroborosConfig:
                     raise ConfigError(f"OuroborosConfig.{f.name} must be an int, got {value!r}")
                 if value < minimum[f.name]:
                     raise ConfigError(f"OuroborosConfig.{f.name} must be >= {minimum[f.name]}, got {value}")
+            elif f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                    raise ConfigError(f"OuroborosConfig.{f.name} must be a number in (0, 1), got {value!r}")
             elif not isinstance(value, bool):
                 raise ConfigError(f"OuroborosConfig.{f.name} must be a bool, got {value!r}")
         for name in ("step_phrases", "branches"):
@@ -65,3 +95,7 @@ class OuroborosConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def classic(self) -> OuroborosConfig:
+        """This config with every adaptive switch off: the methods that predate them."""
+        return replace(self, **{switch: False for switch in ADAPTIVE_SWITCHES})

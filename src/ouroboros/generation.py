@@ -38,7 +38,8 @@ class GenerationStats:
     """Seconds for the whole call, prefill included."""
     events: dict[str, int] = field(default_factory=dict)
     """Acceptance paths taken: trunk_full, trunk_partial, branch_accepted, branch_rejected,
-    phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step)."""
+    phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step), draft_free (steps
+    verified without the draft model), spread_accepted (a spread branch was accepted)."""
     plan: str = ""
     """How `method="auto"` chose its start, in one line (empty for the other methods)."""
     plan_start: str = ""

@@ -96,7 +96,7 @@ def get_method(name: str) -> Method:
 
 
 def _speculative(setup: Setup) -> Proposer:
-    return DraftModelProposer(setup.draft_runner, NullProposer(), setup.pool, setup.config, lengthen=False,
+    return DraftModelProposer(setup.draft_runner, NullProposer(), setup.pool, setup.config.classic(), lengthen=False,
                               harvest=False, context_phrases=False)
 
 
@@ -130,7 +130,7 @@ AUTO_ACCEPTANCE = 0.75
 
 register(Method("vanilla", lambda setup: NullProposer(), summary="one token per target forward"))
 register(Method("speculative", _speculative, needs_draft=True, summary="the draft model's greedy chain"))
-register(Method("lookahead", lambda setup: LookaheadProposer(setup.pool, setup.config, seed=setup.prompt),
+register(Method("lookahead", lambda setup: LookaheadProposer(setup.pool, setup.config.classic(), seed=setup.prompt),
                 summary="Jacobi decoding on the target alone"))
 register(Method("prompt_lookup", lambda setup: PromptLookupProposer(setup.config.gamma, setup.config.max_ngram),
                 summary="n-grams of the context"))

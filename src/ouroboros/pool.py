@@ -24,8 +24,9 @@ class PhraseSource(Protocol):
     level: int
     """Phrases are level - 1 tokens long; an n-gram is a key token plus its phrase."""
 
-    def follow(self, context: Sequence[int], count: int) -> list[Phrase]:
-        """Up to `count` phrases that may come right after `context`, most likely first."""
+    def follow(self, context: Sequence[int], count: int, min_seen: int = 1) -> list[Phrase]:
+        """Up to `count` phrases that may come right after `context`, most likely first; only those
+        learned at least `min_seen` times."""
 
     def insert(self, key: int, phrase: Sequence[int]) -> None:
         """Learn that `phrase` followed (or should follow) token `key`."""
@@ -40,8 +41,9 @@ class PhraseSource(Protocol):
 class PhrasePool:
     """Map key token -> up to `capacity` phrases of exactly `level - 1` tokens, oldest first.
 
-    Inserting a phrase that is present moves it to the newest end; inserting into a full key drops
-    the oldest. A pool may be passed to several `generate` calls (warm start); it is not
+    Inserting a phrase that is present moves it to the newest end and counts it once more (a phrase
+    seen twice is likelier than a one-off guess); inserting into a full key drops the oldest. A
+    pool may be passed to several `generate` calls (warm start); it is not
     thread-safe, so share it between threads only under a lock.
     """
 
@@ -52,7 +54,8 @@ class PhrasePool:
             raise ConfigError(f"PhrasePool capacity must be an int >= 1, got {capacity!r}")
         self.level = level
         self.capacity = capacity
-        self._phrases: dict[int, OrderedDict[Phrase, None]] = {}
+        self._phrases: dict[int, OrderedDict[Phrase, int]] = {}
+        """key -> phrase -> times inserted, oldest first."""
 
     def insert(self, key: int, phrase: Sequence[int]) -> None:
         phrase = tuple(phrase)
@@ -60,9 +63,10 @@ class PhrasePool:
             raise ConfigError(f"a phrase must have level-1 = {self.level - 1} tokens, got {len(phrase)}")
         bucket = self._phrases.setdefault(key, OrderedDict())
         if phrase in bucket:
+            bucket[phrase] += 1
             bucket.move_to_end(phrase)
             return
-        bucket[phrase] = None
+        bucket[phrase] = 1
         if len(bucket) > self.capacity:
             bucket.popitem(last=False)
 
@@ -73,17 +77,17 @@ class PhrasePool:
             bucket.pop(tuple(old), None)
         self.insert(key, new)
 
-    def follow(self, context: Sequence[int], count: int) -> list[Phrase]:
-        """The `count` newest phrases keyed by the context's last token."""
-        return self.lookup(context[-1], count) if len(context) else []
+    def follow(self, context: Sequence[int], count: int, min_seen: int = 1) -> list[Phrase]:
+        """The `count` newest phrases keyed by the context's last token (inserted >= `min_seen` times)."""
+        return self.lookup(context[-1], count, min_seen) if len(context) else []
 
-    def lookup(self, key: int, count: int) -> list[Phrase]:
-        """The `count` newest phrases of `key`, newest first."""
+    def lookup(self, key: int, count: int, min_seen: int = 1) -> list[Phrase]:
+        """The `count` newest phrases of `key` inserted at least `min_seen` times, newest first."""
         bucket = self._phrases.get(key)
         if not bucket or count <= 0:
             return []
-        newest = reversed(bucket)
-        return [phrase for phrase, _ in zip(newest, range(count))]
+        seen = (phrase for phrase, times in reversed(bucket.items()) if times >= min_seen)
+        return [phrase for phrase, _ in zip(seen, range(count))]
 
     def insert_ngrams(self, tokens: Sequence[int], start: int = 0) -> None:
         """Insert every n-gram of `tokens` whose key is at index >= start (context phrases)."""

@@ -186,8 +186,9 @@ class ModelRunner(ForwardLog):
         self._last = None
 
     def rewind(self, sequence: Sequence[int]) -> list[int]:
-        """Crop the cache to its longest prefix shared with `sequence`; return the pending rest."""
-        common = _common_prefix(self.tokens, sequence)
+        """Crop the cache to its longest prefix shared with `sequence`, short of its last token (the
+        root, whose logits the next forward needs, even when a draft ran ahead); return the rest."""
+        common = reusable_prefix(self.tokens, sequence)
         if common < len(self.tokens):
             del self.tokens[common:]
             self._truncate(common)
@@ -237,6 +238,13 @@ def move_accepted(cache, base: int, path: Sequence[int]) -> None:
         index = torch.tensor(path, device=layer.keys.device) + base
         layer.keys[..., base:base + len(path), :] = layer.keys[..., index, :]
         layer.values[..., base:base + len(path), :] = layer.values[..., index, :]
+
+
+def reusable_prefix(cached: list[int], sequence: Sequence[int]) -> int:
+    """How many cached tokens a forward for `sequence` keeps: the common prefix, short of the
+    sequence's last token (the root, whose logits the next forward needs, even when a draft ran
+    ahead of the sequence)."""
+    return min(_common_prefix(cached, sequence), len(sequence) - 1)
 
 
 def _common_prefix(a: list[int], b: Sequence[int]) -> int:

@@ -168,6 +168,8 @@ def choose(target: CostCurve, draft: CostCurve | None, *, acceptance: float = 0.
         changes["phrase_drafting"] = drafting
         free = target.free_tokens(slack) - 1 - gamma
         changes["branches"] = min(base.pool_size, max(free, 0) // (base.level - 1)) if base.lengthen else 0
+        changes["draft_cost"] = min(max(draft_one / one, 0.01), 0.99)  # what adaptive drafts weigh
+        changes["verify_budget"] = max(target.free_tokens(slack), 2)  # the flat region spread branches fill
         step = draft.at(draft_step_tokens(window, base.level, phrases) if drafting else 1)
         predicted["ouroboros"] = one * rate(gamma, step, 1 + gamma + changes["branches"] * (base.level - 1))
     return Sizing(replace(base, **changes), target, draft, acceptance, slack,

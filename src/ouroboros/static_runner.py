@@ -32,7 +32,15 @@ from transformers import StaticCache
 
 from .errors import InvalidArgumentError, UnsupportedModelError
 from .model_facts import text_config
-from .runner import ForwardLog, ModelRunner, _cache_argument, _common_prefix, additive_mask, move_accepted, tree_inputs
+from .runner import (
+    ForwardLog,
+    ModelRunner,
+    _cache_argument,
+    additive_mask,
+    move_accepted,
+    reusable_prefix,
+    tree_inputs,
+)
 from .tree import DraftTree
 
 logger = logging.getLogger(__name__)
@@ -120,8 +128,9 @@ class StaticRunner(ForwardLog):
         self._last = None
 
     def rewind(self, sequence: Sequence[int]) -> list[int]:
-        """Drop cached tokens after the longest prefix shared with `sequence`; return the pending rest."""
-        del self.tokens[_common_prefix(self.tokens, sequence):]
+        """Drop cached tokens after the longest prefix shared with `sequence` (short of its last
+        token, see `runner.reusable_prefix`); return the pending rest."""
+        del self.tokens[reusable_prefix(self.tokens, sequence):]
         return list(sequence[len(self.tokens):])
 
     def _compiled(self) -> bool:

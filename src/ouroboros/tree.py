@@ -22,7 +22,7 @@ class DraftTree:
         self.parents: list[int] = []
         self.depths: list[int] = []
         self.sources: list[str] = []
-        """Where each trie node came from (e.g. "draft", "pool", "context", "branch")."""
+        """Where each trie node came from (e.g. "draft", "pool", "context", "branch", "spread")."""
         self._children: dict[int, dict[int, int]] = {ROOT: {}}
         self.window_tokens: list[int] = []
         self.window_positions: torch.Tensor | None = None

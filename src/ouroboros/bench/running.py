@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..config import OuroborosConfig
+from ..config import ADAPTIVE_SWITCHES, OuroborosConfig
 from ..costs import vanilla_log
 from ..errors import InvalidArgumentError
 from ..generation import generate
@@ -21,7 +21,7 @@ from ..methods import METHODS, get_method
 from ..pool import PhrasePool
 from .datasets import Question, prompt_ids
 
-ABLATION_SWITCHES = ("phrase_drafting", "lengthen", "harvest", "context_phrases")
+ABLATION_SWITCHES = ("phrase_drafting", "lengthen", "harvest", "context_phrases") + ADAPTIVE_SWITCHES
 BASELINE = "hf_vanilla"
 WARMUP_TOKENS = 16
 TIMING_NOTE = "wall time is measured around each generate call and includes prefill, for every method"

@@ -33,13 +33,15 @@ class Proposal:
     """One step's draft, handed back to `learn` with the verdict.
 
     The tree is frozen when the proposal is made: `tree.sources[i]` says where trie node i came
-    from ("draft", "pool", "context", "branch")."""
+    from ("draft", "pool", "context", "branch", "spread")."""
 
     tree: DraftTree
     trunk: tuple[int, ...] = ()
     """Node ids of the draft model's continuation, root to leaf (empty without a draft model)."""
     tried: tuple[tuple[Phrase, tuple[int, ...]], ...] = ()
     """Pool phrases hung after the trunk as branches, each with its node ids."""
+    confidence: tuple[float, ...] = ()
+    """The draft model's top-1 probability for each trunk token (empty when it did not draft)."""
 
     def __post_init__(self) -> None:
         self.tree.freeze()

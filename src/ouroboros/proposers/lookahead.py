@@ -6,12 +6,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+import torch
+
 from ..acceptance import StepResult
 from ..config import OuroborosConfig
 from ..pool import PhraseSource
 from ..tree import DraftTree
 from ..window import JacobiWindow
 from .base import Context, Proposal
+from .prompt_lookup import likely_continuation
+
+LIKELY_MATCH = 2
+"""Suffix match length from which the context's own continuation is worth checking on the draft."""
 
 
 class LookaheadProposer:
@@ -21,6 +27,10 @@ class LookaheadProposer:
 
     Example: pool {7: [(8, 9, 10)]}, context ending in 7: the tree holds the chain 8 9 10 and the
     window nodes; if the model's own choices after 7 are 8 9 11, tokens 8 9 11 are emitted at once.
+
+    With `likely_phrases`, a step checks only candidates likely enough to pay for their tokens: the
+    context's continuation of its longest suffix match (at least `LIKELY_MATCH` tokens, up to
+    `draft_cap` tokens long, so one forward can accept many), then pool phrases seen more than once.
     """
 
     draft_runner = None
@@ -29,11 +39,18 @@ class LookaheadProposer:
         self.events: Counter[str] = Counter()
         self.pool = pool
         self.phrases = config.step_phrases
+        self.likely = config.likely_phrases
+        self.span = config.draft_cap
         self.window = JacobiWindow(config.window, config.level, seed)
 
     def propose(self, context: Context) -> Proposal:
         tree = DraftTree(max_depth=context.remaining - 1)
-        for phrase in self.pool.follow(context.tokens, self.phrases):
+        phrases = self.pool.follow(context.tokens, self.phrases, min_seen=2 if self.likely else 1)
+        if self.likely:
+            match, known = likely_continuation(torch.tensor(context.tokens), self.span, self.span)
+            if match >= LIKELY_MATCH and known:
+                tree.add_chain(known, source="context")
+        for phrase in phrases:
             tree.add_chain(phrase, source="pool")
         tree.set_window(*self.window.nodes())
         return Proposal(tree)
