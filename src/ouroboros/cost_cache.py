@@ -131,6 +131,7 @@ def model_costs(model, *, fast: bool | None = False, cache_dir: str | os.PathLik
     spent = time.perf_counter() - start
     _memory[name] = costs
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(path, {"format": FORMAT, "key": key, "measure_seconds": round(spent, 2),
                                      **costs.to_dict()}, indent=1)
     except OSError as exc:
