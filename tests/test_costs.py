@@ -80,6 +80,15 @@ def test_costs_are_measured_once_then_read_from_the_cache(tmp_path):
         torch.set_num_threads(1)
 
 
+def test_the_cache_directory_is_created_on_first_use(tmp_path):
+    model = tiny_model("llama", seed=6, vocab=61)
+    forget_in_memory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_costs(model, cache_dir=tmp_path / "not" / "yet")
+    assert len(list((tmp_path / "not" / "yet").glob("*.json"))) == 1
+
+
 def test_a_corrupt_or_foreign_cache_file_is_measured_again(tmp_path):
     model = tiny_model("llama", seed=4, vocab=61)
     forget_in_memory()
