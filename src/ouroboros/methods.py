@@ -119,7 +119,7 @@ def _auto(setup: Setup) -> Proposer:
     chosen = plan(table, len(setup.prompt), setup.max_new_tokens, acceptance=AUTO_ACCEPTANCE, base=setup.config,
                   has_draft=draft is not None)
     arms: dict[str, Proposer] = {"vanilla": NullProposer(),
-                                 "prompt_lookup": PromptLookupProposer(chosen.config.gamma, setup.config.max_ngram)}
+                                 "prompt_lookup": PromptLookupProposer(chosen.lookup_gamma, setup.config.max_ngram)}
     if draft is not None:
         arms["ouroboros"] = _ouroboros(replace(setup, config=chosen.config))
     return AutoProposer(arms, chosen, pool=setup.pool, context_phrases=chosen.config.context_phrases)

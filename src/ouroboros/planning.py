@@ -12,7 +12,7 @@ the cache length the generation will mostly run at and the draft's expected acce
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config import OuroborosConfig
 from .costs import CostTable
@@ -40,7 +40,10 @@ class Plan:
     start: str
     """The arm to start with: "vanilla", "prompt_lookup" or "ouroboros"."""
     config: OuroborosConfig
-    """Sizes for the ouroboros arm (and gamma for prompt lookup)."""
+    """The ouroboros arm's config: the given sizes (its adaptive drafts size themselves) with this
+    machine's draft cost and verification budget."""
+    lookup_gamma: int = 3
+    """Draft length for prompt lookup, from the target's costs."""
     estimates: dict[str, Estimate] = field(default_factory=dict)
     draft_prefill: float = 0.0
     """Seconds the draft model's prefill of the prompt is predicted to cost."""
@@ -51,7 +54,7 @@ class Plan:
         sizes = ""
         if self.start == "ouroboros":
             c = self.config
-            sizes = f" (gamma={c.gamma}, window={c.window if c.phrase_drafting else 'off'}, branches={c.branches})"
+            sizes = f" (draft_cost={c.draft_cost:.2f}, verify_budget={c.verify_budget})"
         return f"auto: {self.start}{sizes}: {self.reason}"
 
 
@@ -60,13 +63,14 @@ def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptanc
     cached = prompt_tokens + max_new_tokens // 2
     target = CostCurve.at_cached(table.target, cached)
     one = target.at(1)
-    config = choose(target, None, acceptance=acceptance, base=base).config
-    lookup_guess = Estimate(LOOKUP_PRIOR_TOKENS, target.at(1 + config.gamma))
+    lookup_gamma = choose(target, None, acceptance=acceptance, base=base).config.gamma
+    config = base
+    lookup_guess = Estimate(LOOKUP_PRIOR_TOKENS, target.at(1 + lookup_gamma))
     estimates = {"vanilla": Estimate(1.0, one), "prompt_lookup": lookup_guess}
     draft_prefill = 0.0
     if has_draft and table.draft is not None:
         sizing = choose(target, CostCurve.at_cached(table.draft, cached), acceptance=acceptance, base=base)
-        config = sizing.config
+        config = replace(base, draft_cost=sizing.config.draft_cost, verify_budget=sizing.config.verify_budget)
         draft_prefill = table.draft.prefill(prompt_tokens)
         speedup = sizing.predicted.get("ouroboros", 0.0)
         per_token = one / speedup + draft_prefill / max_new_tokens if speedup > 0 else float("inf")
@@ -82,4 +86,4 @@ def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptanc
                   f"{draft_prefill:.2f} s); context n-grams are tried while decoding")
     else:
         reason = "no draft model; context n-grams are tried while decoding"
-    return Plan(best, config, estimates, draft_prefill, reason)
+    return Plan(best, config, lookup_gamma, estimates, draft_prefill, reason)
