@@ -155,8 +155,6 @@ class ModelRunner(ForwardLog):
     def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
         """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
         the last pending token (the root) and every tree node, in tree order."""
-        if not pending:
-            raise InvalidArgumentError("a forward needs at least one pending token (the root)")
         past, p = len(self.tokens), len(pending)
         fed, positions, allowed = tree_inputs(pending, tree, past)
         ids = torch.tensor([fed], device=self.device)
@@ -204,6 +202,8 @@ class ModelRunner(ForwardLog):
 def tree_inputs(pending: Sequence[int], tree: DraftTree, past: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """(token ids, absolute positions [q], visibility [q, q]) for pending tokens followed by `tree`:
     pending tokens are causal among themselves; every node sees them all and its own ancestors."""
+    if not pending:
+        raise InvalidArgumentError("a forward needs at least one pending token (the root)")
     p = len(pending)
     node_tokens, rel_positions, tree_mask = tree.layout()
     q = p + len(node_tokens)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from transformers import StaticCache
 
-from .errors import InvalidArgumentError, UnsupportedModelError
+from .errors import UnsupportedModelError
 from .model_facts import text_config
 from .runner import (
     ForwardLog,
@@ -90,8 +90,6 @@ class StaticRunner(ForwardLog):
     def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
         """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
         the last pending token (the root) and every tree node, in tree order."""
-        if not pending:
-            raise InvalidArgumentError("a forward needs at least one pending token (the root)")
         past, p = len(self.tokens), len(pending)
         fed, positions, allowed = tree_inputs(pending, tree, past)
         q = len(fed)
