@@ -38,10 +38,10 @@ class StepResult:
     argmax: list[int]
     """Target argmax at the root (index 0) and at every tree node i (index i + 1), for learning."""
     confidence: list[float] = field(default_factory=list)
-    """Top-1 probability per row like `argmax` (only from `confident_verify`: a draft model's
-    certainty, which decides how far to draft)."""
+    """The model's probability of each emitted token (only from `confident_verify`: a draft
+    model's certainty, which decides how far to draft)."""
     runner_up: list[int] = field(default_factory=list)
-    """Second most likely token per row like `argmax` (only from `confident_verify`)."""
+    """The second most likely token where each emitted token was chosen (only from `confident_verify`)."""
 
 
 def check_finite(logits: torch.Tensor) -> None:
@@ -68,14 +68,16 @@ def greedy_verify(tree: DraftTree, logits: torch.Tensor) -> StepResult:
 
 
 def confident_verify(tree: DraftTree, logits: torch.Tensor) -> StepResult:
-    """Greedy verification that also keeps each row's top-1 probability and runner-up token."""
-    best = logits.argmax(dim=-1)  # [rows]: argmax's tie-break, so the draft is greedy_verify's
-    top = torch.softmax(logits, dim=-1).topk(2, dim=-1)  # values, indices: [rows, 2]
-    runner_up = torch.where(top.indices[:, 0] == best, top.indices[:, 1], top.indices[:, 0])
-    argmax = best.tolist()
+    """Greedy verification that also gives each emitted token's probability and runner-up,
+    computed only on the rows the walk emitted from (not on every node and window row)."""
+    argmax = logits.argmax(dim=-1).tolist()
     result = _walk(tree, argmax.__getitem__, argmax)
-    result.confidence = top.values[:, 0].tolist()
-    result.runner_up = runner_up.tolist()
+    rows = logits[torch.tensor([0] + [node + 1 for node in result.path], device=logits.device)]  # [emitted, vocab]
+    best = torch.tensor(result.emitted, device=logits.device)[:, None]  # [emitted, 1]: each row's argmax
+    top2 = rows.topk(2, dim=-1).indices  # [emitted, 2]
+    runner_up = torch.where(top2[:, :1] == best, top2[:, 1:], top2[:, :1])
+    result.confidence = (rows.gather(1, best) - torch.logsumexp(rows, dim=-1, keepdim=True)).exp()[:, 0].tolist()
+    result.runner_up = runner_up[:, 0].tolist()
     return result
 
 

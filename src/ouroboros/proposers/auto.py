@@ -133,4 +133,9 @@ class AutoProposer:
         runner = self.arms[proposal.arm].draft_runner
         if runner is None:
             return 0.0
-        return sum(r.seconds for r in runner.log if r.cached == 0 and r.started >= proposal.started)
+        seconds = 0.0
+        for record in reversed(runner.log):  # only this step's records: the newest ones
+            if record.started < proposal.started:
+                break
+            seconds += record.seconds if record.cached == 0 else 0.0
+        return seconds

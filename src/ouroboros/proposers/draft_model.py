@@ -101,14 +101,13 @@ class DraftModelProposer:
             proposal = self.drafter.propose(step_context)
             result = decode_step(self.draft_runner, tokens, proposal.tree, confident_verify)
             self.drafter.learn(step_context, proposal, result)
-            rows = [0] + [node + 1 for node in result.path]  # the logits row that chose each emitted token
-            confidence += [result.confidence[row] for row in rows]
-            runner_up += [result.runner_up[row] for row in rows]
+            confidence += result.confidence
+            runner_up += result.runner_up
             drafted += result.emitted
             tokens += result.emitted
             self.spent += self.config.draft_cost
             if adaptive:
-                for probability in confidence[-len(rows):]:
+                for probability in result.confidence:
                     chance *= self.estimate(probability)
                 if chance < self.config.draft_cost * self.tokens / self.spent:
                     break
