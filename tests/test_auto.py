@@ -9,6 +9,7 @@ from transformers import LlamaForCausalLM
 
 from ouroboros import generate
 from ouroboros.costs import CostTable, ModelCosts
+from ouroboros.proposers.auto import PROBE_STEPS
 
 VOCAB = 61
 PROMPT = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]])
@@ -71,8 +72,9 @@ def test_a_draft_slower_than_it_saves_is_dropped_and_output_stays_exact():
     assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
     events = out.stats.events
     assert events.get("auto_fallbacks", 0) + events.get("auto_switches", 0) >= 1
-    # the first step (with the target's prefill) is not judged; the next one shows the draft is slow
-    assert events.get("auto_ouroboros_steps", 0) <= 3, events
+    # the first step (with the target's prefill) is not judged; the next one shows the draft is slow;
+    # later the draft runs only in probes
+    assert events.get("auto_ouroboros_steps", 0) <= 3 + PROBE_STEPS * events.get("auto_probes", 0), events
     assert out.stats.target_forwards - events.get("auto_ouroboros_steps", 0) > events.get("auto_ouroboros_steps", 0)
 
 
@@ -119,3 +121,40 @@ def test_a_draft_prefill_that_costs_more_than_it_can_save_is_skipped():
                    costs=costly_prefill)
     assert "draft prefill" in out.stats.plan and not out.stats.plan.startswith("auto: ouroboros")
     assert out.stats.draft_forwards == 0
+
+
+def test_arms_without_a_draft_are_shadowed_not_probed():
+    """Running plain decoding on a context that repeats itself, auto sees from the tokens the target
+    emits what prompt lookup would have drafted, and moves to it without a trial step."""
+    from ouroboros.acceptance import StepResult
+    from ouroboros.planning import Estimate, Plan
+    from ouroboros.proposers.auto import AutoProposer, _yield
+    from ouroboros.proposers.base import Context, NullProposer
+    from ouroboros.proposers.prompt_lookup import PromptLookupProposer
+    from ouroboros.sizing import CostCurve
+
+    now = [0.0]
+    flat = CostCurve({1: 0.1, 2: 0.1, 4: 0.1, 8: 0.1})
+    plan = Plan("vanilla", None, 4, {"vanilla": Estimate(1, 0.1), "prompt_lookup": Estimate(1, 0.2)},
+                target_curve=flat)
+    auto = AutoProposer({"vanilla": NullProposer(), "prompt_lookup": PromptLookupProposer(4, 2)}, plan,
+                        clock=lambda: now[0])
+    pattern = [5, 6, 7, 8, 9]
+    context = Context(pattern * 3, 100)
+    chosen = []
+    for _ in range(10):
+        proposal = auto.propose(context)
+        chosen.append(proposal.arm)
+        size = proposal.tree.size
+        emitted = (pattern * 4)[len(context.tokens) % 5:][:size + 1]  # the target continues the pattern
+        now[0] += 0.1
+        auto.learn(context, proposal, StepResult(emitted, list(range(size)), []))
+        context.tokens += emitted
+    assert chosen[:2] == ["vanilla", "vanilla"] and chosen[-1] == "prompt_lookup", chosen
+    assert auto.events.get("auto_probes", 0) == 0
+    assert auto.estimates["prompt_lookup"].rate > 2 * auto.estimates["vanilla"].rate
+    # what a shadowed chain yields: its prefix shared with the emitted tokens, plus the target's token
+    assert _yield((1, 2, 3), [1, 2, 9, 4]) == 3
+    assert _yield((1, 2), [1, 2, 3]) == 3
+    assert _yield((), [4]) == 1
+    assert _yield((1, 2, 3, 4), [1, 2]) == 2  # beyond what was emitted nothing is known

@@ -48,6 +48,9 @@ class Plan:
     draft_prefill: float = 0.0
     """Seconds the draft model's prefill of the prompt is predicted to cost."""
     reason: str = ""
+    target_curve: CostCurve | None = None
+    """The target's forward cost by tokens fed, at the cache length planned for: what auto prices
+    the steps of the arms it does not run with."""
 
     def line(self) -> str:
         """One line for the terminal: the choice, its sizes, and why."""
@@ -86,4 +89,4 @@ def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptanc
                   f"{draft_prefill:.2f} s); context n-grams are tried while decoding")
     else:
         reason = "no draft model; context n-grams are tried while decoding"
-    return Plan(best, config, lookup_gamma, estimates, draft_prefill, reason)
+    return Plan(best, config, lookup_gamma, estimates, draft_prefill, reason, target)
