@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from ..arguments import (
     add_config_arguments,
@@ -116,29 +117,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dataset, questions = load_questions(args)
     require_module("matplotlib", "bench", "the speedup chart")
     apply_threads(args)
-    target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
-    chat = dataset == "specbench"
-    if chat and not tokenizer.chat_template:
-        print("ouroboros bench: warning: the target tokenizer has no chat template; using the raw questions",
-              file=sys.stderr)
-        chat = False
-    eos = eos_token_ids(target, tokenizer=tokenizer)
-    pad = pad_id(tokenizer, eos)
-    bench = Bench(target, draft, tokenizer, eos, pad, chat, args.max_new_tokens, config, args.top_p, args.seed,
-                  args.device, fast_from_args(args))
-    check_lengths(bench, questions)
-    costs = replay_table(args.costs, target, draft, fast_from_args(args))
-    model_id = Path(getattr(target.config, "name_or_path", "") or "target").name
     out = Path(args.out)
     (out / "answers").mkdir(parents=True, exist_ok=True)
-    target_dir, draft_dir = (args.target, args.draft) if args.target else map(str, default_pair_dirs(progress=False))
-    peer_names = [m.name for m in methods if m.peer]
-
     runs, answer_files, interrupted = [], {}, False
-    with _sigterm_as_interrupt(), started_peers(
-            peer_names, python, target_dir, draft_dir, dtype=args.dtype, threads=torch.get_num_threads(),
-            max_model_len=min(context_length(target) or PEER_CONTEXT, PEER_CONTEXT),
-            speculative_tokens=args.vllm_k, log_dir=out) as bench.peers:
+    # vLLM first: its start reads the checkpoint in full, so it is done before the bench's own models load
+    with _sigterm_as_interrupt(), _peers(args, methods, python, out) as peers:
+        target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+        chat = dataset == "specbench"
+        if chat and not tokenizer.chat_template:
+            print("ouroboros bench: warning: the target tokenizer has no chat template; using the raw questions",
+                  file=sys.stderr)
+            chat = False
+        eos = eos_token_ids(target, tokenizer=tokenizer)
+        pad = pad_id(tokenizer, eos)
+        bench = Bench(target, draft, tokenizer, eos, pad, chat, args.max_new_tokens, config, args.top_p, args.seed,
+                      args.device, fast_from_args(args))
+        check_lengths(bench, questions)
+        costs = replay_table(args.costs, target, draft, fast_from_args(args))
+        model_id = Path(getattr(target.config, "name_or_path", "") or "target").name
+        bench.peers = peers
         for temperature in temperatures:
             paths = {m.name: out / "answers" / f"{m.name}-temp-{temperature:g}.jsonl" for m in methods}
             with AnswerFiles(paths, model_id) as answers:
@@ -180,6 +177,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_results(out / "results.json", args, settings, runs, files)
     print(f"results: {files['results']}\nchart: {files['chart']}\nanswers: {out / 'answers'}")
     return 130 if interrupted else 0
+
+
+def _peers(args: argparse.Namespace, methods, python: str | None, out: Path):
+    """The run's vLLM peers, started (see `vllm_peer.started_peers`) on the target's model directory."""
+    names = [m.name for m in methods if m.peer]
+    target, draft = (args.target, args.draft) if args.target or not names else map(str, default_pair_dirs())
+    limit = PEER_CONTEXT
+    if names:
+        limit = min(getattr(AutoConfig.from_pretrained(target), "max_position_embeddings", None) or limit, limit)
+    return started_peers(names, python, target, draft, dtype=args.dtype, threads=torch.get_num_threads(),
+                         max_model_len=limit, speculative_tokens=args.vllm_k, log_dir=out)
 
 
 @contextlib.contextmanager
