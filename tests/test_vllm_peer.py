@@ -46,6 +46,9 @@ class LLM:
         self.draft = AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32).eval() if draft else None
 
     def generate(self, prompts, params, use_tqdm):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == int(os.environ.get("STAND_IN_DIE_AT", 0)):
+            os._exit(9)  # as the kernel's OOM killer would
         ids = torch.tensor([prompts[0]["prompt_token_ids"]])
         extra = {"assistant_model": self.draft} if self.draft is not None else {}
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens,
@@ -123,6 +126,21 @@ def test_the_bench_stops_cleanly_when_the_peer_fails(pair, stand_in_python, tmp_
     assert code != 0
     assert "vLLM worker failed" in capsys.readouterr().err
     assert not (out / "results.json").exists()
+
+
+def test_a_peer_that_dies_mid_run_ends_it_with_the_completed_prompts_kept(pair, stand_in_python, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setenv("STAND_IN_DIE_AT", "3")  # the warm-up, the first prompt, then death on the second
+    target, draft = pair
+    out = tmp_path / "out"
+    code = main(["bench", "--target", str(target), "--draft", str(draft), "--dtype", "float32", "--threads", "1",
+                 "--max-new-tokens", "4", "--num-prompts", "3", "--methods", "vllm",
+                 "--vllm-python", stand_in_python, "--out", str(out)])
+    assert code == 130
+    assert "vLLM worker failed: worker exited with status" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert run["completed_prompts"] == 1 and run["interrupted"] is True
 
 
 def test_vllm_methods_without_vllm_say_what_to_give(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ..generation import generate
 from ..methods import METHODS, get_method
 from ..pool import PhrasePool
 from .datasets import Question, prompt_ids
+from .vllm_peer import VllmError
 
 ABLATION_SWITCHES = ("phrase_drafting", "lengthen", "harvest", "context_phrases") + ADAPTIVE_SWITCHES
 BASELINE = "hf_vanilla"
@@ -314,8 +316,8 @@ def run_comparison(bench: Bench, questions: list[Question], methods: list[Method
     comes (the answer files are written as the run goes).
 
     Returns one record per completed question (the answers and how each compares with vanilla) and
-    whether the run was interrupted (Ctrl-C or SIGTERM): then the prompt in progress is dropped, so
-    that every figure still compares all methods on the same prompts."""
+    whether the run was interrupted (Ctrl-C, SIGTERM, or a vLLM peer that died): then the prompt in
+    progress is dropped, so that every figure still compares all methods on the same prompts."""
     greedy = temperature == 0
     warm_pool = PhrasePool(bench.config.level, bench.config.pool_size)
     records = []
@@ -336,5 +338,8 @@ def run_comparison(bench: Bench, questions: list[Question], methods: list[Method
                                for name, answer in answers.items() if name != BASELINE}
             records.append({"question": question, "answers": answers, "divergences": divergences})
     except KeyboardInterrupt:
+        return records, True
+    except VllmError as exc:  # a peer that died (e.g. out of memory) ends the run, keeping what is done
+        print(f"\nouroboros bench: {exc}", file=sys.stderr)
         return records, True
     return records, False

@@ -91,11 +91,18 @@ class VllmPeer:
         except BrokenPipeError:
             pass  # the worker died: its reply (or its absence) below says why
         line = self.process.stdout.readline()
-        reply = json.loads(line) if line.strip() else {"error": f"worker exited with status {self.process.poll()}"}
+        reply = json.loads(line) if line.strip() else {"error": f"worker exited with status {self._exit_status()}"}
         if "error" in reply:
             self.close()
             raise VllmError(f"vLLM worker failed: {reply['error']} (log: {self.log_path})")
         return reply
+
+    def _exit_status(self) -> int | None:
+        """The worker's exit status once its output has ended (None if it is still alive after 30 s)."""
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            return None
 
     def close(self) -> None:
         """End the worker (closing its input ends its request loop) and its log."""
