@@ -50,7 +50,7 @@ class Plan:
     reason: str = ""
     target_curve: CostCurve | None = None
     """The target's forward cost by tokens fed, at the cache length planned for: what auto prices
-    the steps of the arms it does not run with."""
+    the steps of the arms it does not run with (always set by `plan`)."""
 
     def line(self) -> str:
         """One line for the terminal: the choice, its sizes, and why."""

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, OuroborosError
@@ -70,10 +70,7 @@ class VllmPeer:
         self._log = open(log_path, "w")
         self.process = subprocess.Popen([settings.python, str(WORKER)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
-        engine = {"target": settings.target, "draft": settings.draft, "dtype": settings.dtype,
-                  "max_model_len": settings.max_model_len, "enforce_eager": settings.enforce_eager,
-                  "num_speculative_tokens": settings.num_speculative_tokens}
-        ready = self._ask(engine)
+        ready = self._ask(asdict(settings))  # the worker reads the engine's fields
         self.version = ready.get("version", "?")
         self.startup_seconds = ready.get("startup_seconds")
 

@@ -10,10 +10,11 @@ and what that draft would have yielded is read off the tokens the target goes on
 prefix it shares with them, plus the target's own token), priced at the target's measured cost
 for that many tokens, calibrated online against the target's observed step times. A shadow
 draft stays open until the output has gone past it, so a shadowed arm follows the output the way
-it would had it run. So switching to plain decoding or prompt lookup never costs a trial step. An arm with a draft model
-cannot be shadowed (its draft is a forward): it is probed now and then, less often each time a
-probe loses, so a machine where speculation is slower falls back and stays there at the cost of a
-rare probe. A draft model that has not run yet is probed only while its prefill would cost little
+it would had it run. So switching to plain decoding or prompt lookup never costs a trial step.
+
+An arm with a draft model cannot be shadowed (its draft is a forward): it is probed now and then,
+less often each time a probe loses, so a machine where speculation is slower falls back and stays
+there at the cost of a rare probe. A draft model that has not run yet is probed only while its prefill would cost little
 against the remaining generation, so a draft that does not pay costs nothing, not even its prefill.
 
 Exactness does not depend on the choice: every arm's proposal is verified by the same rule, and
@@ -73,15 +74,17 @@ class AutoProposer:
         self.last_run: dict[str, int] = {}
         self.steps = 0
         self.current = plan.start if plan.start in arms else next(iter(arms))
-        self.waited = dict.fromkeys(arms, 0)
+        self.shadowed = [arm for arm, proposer in arms.items() if proposer.draft_runner is None]
+        probed = [arm for arm in arms if arm not in self.shadowed]
+        self.waited = dict.fromkeys(probed, 0)
         self.probing: str | None = None
         self.probe_left = 0
         start_rate = self.estimates[self.current].rate
-        self.patience = {arm: self._first_patience(start_rate, self.estimates[arm].rate) for arm in arms}
-        self.patience[self.current] = FIRST_PROBE  # it runs first: once left, it waits like a losing probe
+        self.patience = {arm: self._first_patience(start_rate, self.estimates[arm].rate) for arm in probed}
+        if self.current in self.patience:  # it runs first: once left, it waits like a losing probe
+            self.patience[self.current] = FIRST_PROBE
         runners = [arm.draft_runner for arm in arms.values() if arm.draft_runner is not None]
         self.draft_runner = runners[0] if runners else None
-        self.shadowed = [arm for arm, proposer in arms.items() if proposer.draft_runner is None]
         self.open_shadows: dict[str, tuple[int, tuple[int, ...]]] = {}
         """arm -> (context length, chain) of its shadow draft not yet passed by the output."""
         self.scale = 1.0
@@ -121,11 +124,11 @@ class AutoProposer:
         best = self._best()
         if self.estimates[best].rate < SWITCH_MARGIN * self.estimates[self.current].rate:
             best = self.current
-        for arm in self.arms:
+        for arm in self.waited:
             if arm != best:
                 self.waited[arm] += 1
-        probe = next((arm for arm in self.arms if arm != best and arm not in self.shadowed
-                      and self.waited[arm] >= self.patience[arm] and self._may_probe(arm, context)), None)
+        probe = next((arm for arm in self.waited if arm != best and self.waited[arm] >= self.patience[arm]
+                      and self._may_probe(arm, context)), None)
         if probe is not None:
             self.events["auto_probes"] += 1
             self.waited[probe] = 0
@@ -185,11 +188,10 @@ class AutoProposer:
 
     def _target_seconds(self, fed: int) -> float:
         """The target's step over `fed` tokens, from the cost table and the online calibration."""
-        curve = self.plan.target_curve
-        return self.scale * curve.at(fed) if curve is not None else self.estimates["vanilla"].seconds
+        return self.scale * self.plan.target_curve.at(fed)
 
     def _calibrate(self, seconds: float, fed: int) -> None:
-        if self.plan.target_curve is not None and seconds > 0:
+        if seconds > 0:
             ratio = seconds / self.plan.target_curve.at(fed)
             self.scale = (1 - SMOOTHING) * self.scale + SMOOTHING * ratio
 
