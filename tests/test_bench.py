@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -310,3 +311,31 @@ def test_a_bad_cost_file_is_refused_before_the_run(pair, questions, tmp_path, ca
     costs.write_text("{truncated")
     assert bench(pair, "--questions", str(questions), "--costs", str(costs), "--out", str(tmp_path / "o")) == 2
     assert "broken.json" in capsys.readouterr().err
+
+
+def test_warm_up_compiles_every_cache_size_before_the_timed_prompts(monkeypatch):
+    """A prompt that needs a longer KV cache on the fast path (one more compiled graph per model)
+    gets a full untimed run of each compiled method first, so no timed prompt pays for compiling.
+    Found when a Spec-Bench article prompt spent ~35 s of its timed run compiling."""
+    from types import SimpleNamespace
+
+    from tiny_models import tiny_model
+
+    import ouroboros.bench.running as running
+    from ouroboros import OuroborosConfig
+    from ouroboros.bench import Bench, contestants
+
+    calls = []
+    monkeypatch.setattr(running, "run_question", lambda bench_, method, question, **kwargs: calls.append(
+        (question.question_id, method.name, kwargs.get("max_new_tokens"))))
+    characters_are_tokens = lambda text: SimpleNamespace(input_ids=list(range(len(text))))  # noqa: E731
+    bench = Bench(tiny_model(vocab=50), None, characters_are_tokens, [0], 0, False, 128, OuroborosConfig(), 1.0, 0,
+                  "cpu", fast=True)
+    questions = [Question(i, "qa", ["x" * length]) for i, length in enumerate((100, 900, 950, 3000))]
+    table = contestants()
+    running.warm_up(bench, [table["hf_vanilla"], table["ouroboros"], table["vanilla_eager"]], questions, 0.0)
+    assert calls == [(0, "hf_vanilla", 16), (0, "ouroboros", 16), (0, "vanilla_eager", 16),
+                     (1, "ouroboros", None), (3, "ouroboros", None)]
+    calls.clear()
+    running.warm_up(dataclasses.replace(bench, fast=False), [table["ouroboros"]], questions, 0.0)
+    assert calls == [(0, "ouroboros", 16)]

@@ -167,3 +167,12 @@ def test_eager_flag(command):
     assert fast_from_args(parser.parse_args([*command, "--fast"])) is True
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--fast", "--eager"])
+
+
+def test_capacities_cover_the_prompt_to_the_whole_answer():
+    capacities = static_runner.capacities
+    assert capacities(100, 128) == {1024}
+    assert capacities(900, 128) == {1024, 2048}  # 900 + 128 + 32 padding slots > 1024
+    assert capacities(1000, 3000) == {1024, 2048, 4096}
+    assert capacities(3000, 128) == {4096}
+    assert capacities(20, 8, min_capacity=16) == {32, 64}

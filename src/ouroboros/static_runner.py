@@ -170,9 +170,7 @@ class StaticRunner(ForwardLog):
         """Make room for `needed` slots: a bigger pooled cache, the cached keys and values copied in."""
         if needed <= self.capacity:
             return
-        capacity = self.min_capacity
-        while capacity < needed:
-            capacity *= 2
+        capacity = capacity_for(needed, self.min_capacity)
         old, old_release = self.cache, self._release
         self.cache = _acquire(self.model, capacity)
         self.capacity = capacity
@@ -232,12 +230,35 @@ def compile_not_worth(model) -> str | None:
     return None
 
 
+def capacity_for(slots: int, min_capacity: int = MIN_CAPACITY) -> int:
+    """The cache that holds `slots` tokens: a power of two from `min_capacity`."""
+    capacity = min_capacity
+    while capacity < slots:
+        capacity *= 2
+    return capacity
+
+
+def capacities(prompt_tokens: int, max_new_tokens: int, min_capacity: int = MIN_CAPACITY) -> set[int]:
+    """Every cache capacity a generation may pass through (each is one compiled graph per model):
+    from the prompt's to the one that holds the whole answer plus the largest bucket's padding."""
+    low = capacity_for(prompt_tokens, min_capacity)
+    high = capacity_for(prompt_tokens + max_new_tokens + BUCKETS[-1], min_capacity)
+    return {low << i for i in range((high // low).bit_length())}
+
+
+def fast_path_blocker(model, fast: bool | None) -> str | None:
+    """Why `generate(fast=fast)` runs `model` eagerly, or None when it compiles it (if it can)."""
+    if fast is False:
+        return "the eager runner was asked for"
+    return compile_blocker(model) or (None if fast else compile_not_worth(model))
+
+
 def make_runner(model, *, fast: bool | None = None, role: str = "target"):
     """The runner for `model`: a compiled `StaticRunner` when `fast` is True, or None and it pays
     on this device; otherwise, or where it cannot work, `ModelRunner`, saying why in one line."""
     if fast is False:
         return ModelRunner(model, role=role)
-    reason = compile_blocker(model) or (None if fast else compile_not_worth(model))
+    reason = fast_path_blocker(model, fast)
     if reason is None:
         try:
             return StaticRunner(model, compile=True, role=role)

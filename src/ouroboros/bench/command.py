@@ -3,7 +3,8 @@
 Fairness rules this follows (see the project's benchmarking notes): one run, one machine, methods
 interleaved per prompt so that machine drift hits all of them alike; new tokens counted the same way
 for every method (up to and including the first EOS); wall time measured around each call, prefill
-included, for every method; one untimed warm-up per method; cold and warm phrase pools reported
+included, for every method; untimed warm-ups per method, so that no timed prompt compiles a graph
+(a full one on the first prompt of each longer KV cache on the fast path); cold and warm phrase pools reported
 apart; HF baselines called with explicit greedy (or sampling) settings so that a model's own
 generation_config defaults cannot change what "greedy" means.
 """
@@ -164,7 +165,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "seed": args.seed, "methods": [m.name for m in methods], "baseline": BASELINE,
                 "config": config.to_dict(), "target": args.target, "draft": args.draft, "model_id": model_id,
                 "dtype": args.dtype, "device": args.device, "eos_token_ids": eos, "pad_token_id": pad,
-                "warm_up": f"one untimed generation of up to {WARMUP_TOKENS} tokens per method per temperature",
+                "warm_up": f"one untimed generation of up to {WARMUP_TOKENS} tokens per method per temperature; on "
+                           "the fast path, a full untimed one of each compiled method on the first prompt of "
+                           "each longer KV cache capacity",
                 "timing": TIMING_NOTE, "token_count": COUNTING_NOTE,
                 "hf_forwards": "HF forwards counted with forward pre-hooks; HF accept lengths are not available",
                 "ouroboros_warm": "one phrase pool shared across all prompts of a temperature (warm start)",

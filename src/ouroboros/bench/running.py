@@ -20,6 +20,7 @@ from ..errors import InvalidArgumentError
 from ..generation import generate
 from ..methods import METHODS, get_method
 from ..pool import PhrasePool
+from ..static_runner import capacities, fast_path_blocker
 from .datasets import Question, prompt_ids
 from .vllm_peer import VllmError
 
@@ -302,12 +303,26 @@ def question_seed(base: int, index: int) -> int:
     return base + 1000 * index
 
 
-def warm_up(bench: Bench, methods: list[Method], question: Question, temperature: float) -> None:
-    """One short untimed generation per method, so first-call costs do not land on a prompt."""
+def warm_up(bench: Bench, methods: list[Method], questions: list[Question], temperature: float) -> None:
+    """Untimed generations, so that first-call costs (compiling included) land on no timed prompt:
+    one short one per method on the first prompt; then, for each longer KV cache the run will need
+    on the fast path (one more compiled graph per model), a full one of each compiled engine method
+    on the first prompt that needs it. Later turns of multi-turn questions are not foreseen."""
+    first = [Question(q.question_id, q.category, q.turns[:1]) for q in questions]
     for method in tqdm(methods, desc="warm-up", unit="method", leave=False):
-        one_turn = Question(question.question_id, question.category, question.turns[:1])
-        run_question(bench, method, one_turn, temperature=temperature, seed=bench.seed, pool=None,
+        run_question(bench, method, first[0], temperature=temperature, seed=bench.seed, pool=None,
                      max_new_tokens=min(WARMUP_TOKENS, bench.max_new_tokens))
+    compiled = [m for m in methods if m.engine and not fast_path_blocker(
+        bench.target, bench.fast if m.fast is None else m.fast)]
+    covered = capacities(len(prompt_ids(bench.tokenizer, bench.chat, first[0], [])),
+                         min(WARMUP_TOKENS, bench.max_new_tokens))
+    for question in first if compiled else []:
+        needed = capacities(len(prompt_ids(bench.tokenizer, bench.chat, question, [])), bench.max_new_tokens)
+        if needed <= covered:
+            continue
+        covered |= needed
+        for method in tqdm(compiled, desc=f"warm-up, cache {max(needed)}", unit="method", leave=False):
+            run_question(bench, method, question, temperature=temperature, seed=bench.seed, pool=None)
 
 
 def run_comparison(bench: Bench, questions: list[Question], methods: list[Method], temperature: float,
@@ -322,7 +337,7 @@ def run_comparison(bench: Bench, questions: list[Question], methods: list[Method
     warm_pool = PhrasePool(bench.config.level, bench.config.pool_size)
     records = []
     try:
-        warm_up(bench, methods, questions[0], temperature)
+        warm_up(bench, methods, questions, temperature)
         bar = tqdm(questions, desc=f"temperature {temperature:g}", unit="prompt")
         for index, question in enumerate(bar):
             answers = {}
