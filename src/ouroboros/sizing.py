@@ -187,7 +187,7 @@ def _jacobi_sizes(free: int, level: int, pool_size: int) -> tuple[int, int]:
 
 
 def measure(model, tokens=MEASURED_TOKENS, cached: int = 64, repeats: int = 2) -> CostCurve:
-    """Forward cost over k new tokens after `cached` tokens, best of `repeats` (after a warm-up)."""
+    """Forward cost over k new tokens after `cached` tokens, the mean of `repeats` (after a warm-up)."""
     from .cost_cache import measure_costs
 
     costs = measure_costs(model, tokens=tokens, cached=(cached,), repeats=repeats)
