@@ -108,8 +108,11 @@ class StaticRunner(ForwardLog):
                                                                         width=self.capacity),
                       position_ids=positions[None].to(self.device), use_cache=True,
                       **{self.cache_argument: self.cache})
+        if bucket is None:  # a long eager forward (a prompt): no logits for the pending tokens before the root
+            inputs["logits_to_keep"] = q - p + 1
         start = time.perf_counter()
-        logits = self._run(bucket, inputs).logits[0, p - 1:q]
+        rows = self._run(bucket, inputs).logits[0]
+        logits = rows if bucket is None else rows[p - 1:q]
         self._last = (p, fed)
         # CUDA graphs reuse their output buffers: copy out (in float32 that is not otherwise a copy)
         logits = logits.to(torch.float32, copy=self._compiled() and self.device.type == "cuda")
