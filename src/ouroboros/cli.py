@@ -112,6 +112,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import torch
 
     from .loading import load_pair
+    from .roofline import memory_bound
     from .sizing import save_sizing, tune
 
     base = config_from_args(args)
@@ -125,6 +126,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     sizing = tune(target, draft, tokenizer, acceptance=args.acceptance, slack=args.slack, base=base,
                   fast=fast_from_args(args))
     print(sizing.report())
+    print(memory_bound(target, sizing.target.at(1)).line())
     if args.out:
         save_sizing(sizing, args.out)
         print(f"saved: {args.out} (use it with --config {args.out})")

@@ -39,6 +39,7 @@ from ..default_pair import default_pair_dirs
 from ..errors import InvalidArgumentError
 from ..loading import load_pair
 from ..model_facts import context_length, eos_token_ids
+from ..roofline import memory_bound
 from .datasets import Question, load_questions, prompt_ids
 from .reporting import AnswerFiles, aggregate, format_table, plot_speedups, write_results
 from .running import (
@@ -135,6 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       args.device, fast_from_args(args))
         check_lengths(bench, questions)
         costs = replay_table(args.costs, target, draft, fast_from_args(args))
+        bound = memory_bound(target)
         model_id = Path(getattr(target.config, "name_or_path", "") or "target").name
         bench.peers = peers
         for temperature in temperatures:
@@ -150,7 +152,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 run["interrupted"] = interrupted
                 runs.append(run)
                 answer_files[f"{temperature:g}"] = {name: os.fspath(path) for name, path in paths.items()}
-                print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n")
+                print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n" + bound.line() + "\n")
             if interrupted:
                 break
         peer_info = peer_settings(bench.peers)
@@ -171,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "timing": TIMING_NOTE, "token_count": COUNTING_NOTE,
                 "hf_forwards": "HF forwards counted with forward pre-hooks; HF accept lengths are not available",
                 "ouroboros_warm": "one phrase pool shared across all prompts of a temperature (warm start)",
-                "peers": peer_info,
+                "peers": peer_info, "memory_bound": bound.to_dict(),
                 "replayed_on": None if costs is None else {"costs": args.costs, **costs.meta,
                                                            "note": REPLAY_NOTE}}
     files = {"results": os.fspath(out / "results.json"), "chart": os.fspath(out / "speedup.png"),
