@@ -1,7 +1,7 @@
 """The memory bound of plain decoding: a one-token forward reads every weight once, so it takes
 about the weights' bytes over the machine's memory bandwidth (gpt-fast reports it the same way).
-The bandwidth is measured with torch's own matrix-vector products, so a better kernel may beat it
-by a few percent; it is a yardstick, not a proof.
+The bandwidth is measured with torch's own matrix-vector products over the model's own weight
+matrices, so a better kernel may beat it by a few percent; it is a yardstick, not a proof.
 
 Speculation beats that bound by verifying several tokens per read of the weights; compilation can
 only approach it. `ouroboros tune` and `bench` show how close plain decoding is.
@@ -14,40 +14,37 @@ from dataclasses import dataclass
 
 import torch
 
-STREAM_BYTES = (16 << 20, 1 << 30)
-"""Bytes streamed to measure the bandwidth: as many as the model's weights, within these bounds (a
-model whose weights fit in a cache is read at the cache's speed; 1 GiB outgrows any CPU cache)."""
-STREAM_COLUMNS = 8192
 
-
-def weight_bytes(model) -> int:
-    """Bytes one single-token forward reads: every parameter once (a tied embedding is one tensor),
-    except an input embedding that is not also the output layer, of which it reads one row."""
+def read_weights(model) -> list[torch.Tensor]:
+    """The weights one single-token forward reads: every parameter once (a tied embedding is one
+    tensor), except an input embedding that is not also the output layer, of which it reads one row."""
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embedding
-    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embedding)
+    return [p for p in model.parameters() if tied or p is not embedding]
 
 
-def stream_bandwidth(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                     total_bytes: int = STREAM_BYTES[1], repeats: int = 3) -> float:
-    """Bytes per second of matrix-vector products over `total_bytes` of `dtype` weights, what a
-    one-token forward does; the best of `repeats` passes."""
-    device = torch.device(device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = max(1, total_bytes // (itemsize * STREAM_COLUMNS * 8))
+def weight_bytes(model) -> int:
+    """Bytes one single-token forward reads (`read_weights`)."""
+    return sum(p.numel() * p.element_size() for p in read_weights(model))
+
+
+def stream_bandwidth(matrices: list[torch.Tensor], repeats: int = 3) -> float:
+    """Bytes per second of one-row matrix-vector products over `matrices` (2-D, on one device), the
+    way a one-token forward reads its weights; the best of `repeats` passes after a warm-up pass.
+    Measured on the model's own weight matrices, so the shapes and kernels are the forward's."""
+    device = matrices[0].device
+    vectors = {m.shape[1]: torch.ones(1, m.shape[1], dtype=m.dtype, device=device) for m in matrices}
+    best = float("inf")
     with torch.inference_mode():
-        matrices = [torch.full((rows, STREAM_COLUMNS), 0.5, dtype=dtype, device=device) for _ in range(8)]
-        vector = torch.full((1, STREAM_COLUMNS), 0.5, dtype=dtype, device=device)
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first pass warms up the kernels
+        for _ in range(repeats + 1):
             _sync(device)
             start = time.perf_counter()
             for matrix in matrices:
-                vector @ matrix.T
+                vectors[matrix.shape[1]] @ matrix.T
             _sync(device)
             best = min(best, time.perf_counter() - start)
-    return sum(m.numel() for m in matrices) * itemsize / best
+    return sum(m.numel() * m.element_size() for m in matrices) / best
 
 
 def _sync(device: torch.device) -> None:
@@ -71,7 +68,7 @@ class MemoryBound:
 
     def line(self) -> str:
         text = (f"memory bound: {self.weight_bytes / 1e9:.2f} GB of weights per forward at "
-                f"{self.bandwidth / 1e9:.1f} GB/s (this machine's matrix-vector stream) = "
+                f"{self.bandwidth / 1e9:.1f} GB/s (torch's matrix-vector products over them here) = "
                 f"{1000 * self.bound_seconds:.0f} ms, i.e. plain decoding at "
                 f"{1 / self.bound_seconds:.1f} tok/s")
         if self.one_token_seconds:
@@ -87,7 +84,5 @@ class MemoryBound:
 
 def memory_bound(model, one_token_seconds: float | None = None) -> MemoryBound:
     """`model`'s memory bound on its own device and dtype."""
-    parameter = next(model.parameters())
-    weights = weight_bytes(model)
-    streamed = min(max(weights, STREAM_BYTES[0]), STREAM_BYTES[1])
-    return MemoryBound(weights, stream_bandwidth(parameter.device, parameter.dtype, streamed), one_token_seconds)
+    matrices = [p for p in read_weights(model) if p.dim() == 2]
+    return MemoryBound(weight_bytes(model), stream_bandwidth(matrices), one_token_seconds)
