@@ -136,6 +136,30 @@ def test_ablation_all_turns(pair, questions, tmp_path):
     assert [len(row["choices"][0]["turns"]) for row in rows] == [1, 2]
 
 
+def test_the_classic_variant_turns_every_adaptive_switch_off(monkeypatch):
+    """`ouroboros_classic` is the method before issue 11: its generate call gets the config with the
+    four adaptive switches off and every other setting as the run's."""
+    from tiny_models import tiny_model
+
+    import ouroboros.bench.running as running
+    from ouroboros import OuroborosConfig
+    from ouroboros.bench import Bench, contestants
+
+    seen = []
+
+    def generate(*args, config, **kwargs):
+        seen.append(config)
+        raise KeyboardInterrupt  # enough: the config is what this test reads
+
+    monkeypatch.setattr(running, "generate", generate)
+    base = OuroborosConfig(gamma=5)
+    bench = Bench(tiny_model(vocab=50), None, None, [0], 0, False, 8, base, 1.0, 0, "cpu")
+    with pytest.raises(KeyboardInterrupt):
+        running.run_turn(bench, contestants()["ouroboros_classic"], [3, 4], max_new_tokens=4, temperature=0.0,
+                         seed=0, pool=None)
+    assert seen == [base.classic()] and seen[0].gamma == 5 and seen[0] != base
+
+
 def test_sampling(pair, questions, tmp_path, capsys):
     out = tmp_path / "out"
     code = bench(pair, "--questions", str(questions), "--num-prompts", "2", "--temperature", "0", "0.7",

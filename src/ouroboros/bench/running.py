@@ -41,8 +41,8 @@ class Method:
     engine: str | None = None
     warm: bool = False
     """One PhrasePool across the whole run instead of a fresh one per prompt."""
-    disable: str | None = None
-    """An OuroborosConfig switch turned off (ablation)."""
+    disable: tuple[str, ...] = ()
+    """OuroborosConfig switches turned off (ablation)."""
     fast: bool | None = None
     """Overrides the run's runner choice (e.g. vanilla_eager: plain decoding on the eager runner)."""
     peer: str | None = None
@@ -72,7 +72,8 @@ def contestants() -> dict[str, Method]:
     table += [Method(name, engine=name) for name in engine_methods()]
     table += [Method("ouroboros_warm", engine="ouroboros", warm=True)]
     table += [Method(f"{name}_eager", engine=name, fast=False) for name in ("vanilla", "ouroboros", "auto")]
-    table += [Method(f"ouroboros_no_{switch}", engine="ouroboros", disable=switch) for switch in ABLATION_SWITCHES]
+    table += [Method(f"ouroboros_no_{switch}", engine="ouroboros", disable=(switch,)) for switch in ABLATION_SWITCHES]
+    table += [Method("ouroboros_classic", engine="ouroboros", disable=ADAPTIVE_SWITCHES)]
     table += [Method(name, peer=name) for name in PEERS]
     return {method.name: method for method in table}
 
@@ -81,7 +82,10 @@ DEFAULT_METHODS = ("hf_vanilla", "hf_assisted", "hf_prompt_lookup", "speculative
                    "ouroboros", "ouroboros_warm", "auto")
 PEERS = ("vllm", "vllm_draft")
 """vLLM plain and with the draft model, when a Python with vLLM is available (`vllm_peer`)."""
-ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES)
+ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES) + (
+    "ouroboros_classic",)
+"""The ablation: every switch off in turn, and `ouroboros_classic` with all the adaptive ones
+(issue 11's) off at once, i.e. the method as it was before them."""
 
 
 @dataclass
@@ -222,7 +226,7 @@ def _run_hf(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_token
 def _run_engine(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
                 seed: int, pool: PhrasePool | None):
     """This package's generate; greedy unless temperature > 0."""
-    config = dataclasses.replace(bench.config, **{method.disable: False}) if method.disable else bench.config
+    config = dataclasses.replace(bench.config, **dict.fromkeys(method.disable, False))
     sampling = dict(do_sample=True, temperature=temperature, top_p=bench.top_p, seed=seed) if temperature else {}
     output, seconds = _timed(bench, lambda: generate(
         bench.target, input_ids, draft=bench.draft, method=method.engine, max_new_tokens=max_new_tokens,
