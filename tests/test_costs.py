@@ -32,6 +32,18 @@ def test_interpolation_and_extrapolation():
     assert costs.prefill(136) == pytest.approx(0.100 + 0.800 * 120 / 240)
 
 
+def test_extrapolation_never_falls_below_the_nearest_measurement():
+    """A small model's 16-token forward measured 10x slower after 512 cached tokens than after 64:
+    the line through them reaches zero before a 2-token context (found as a 400 from `serve` on a
+    tiny model: "a cost curve needs positive seconds"). Below 64 the cost stays at 64's."""
+    steep = ModelCosts({64: {1: 1.0, 16: 1.0}, 512: {1: 1.0, 16: 10.0}}, {16: 1.0, 256: 2.0})
+    assert steep.forward(16, 2) == pytest.approx(0.001)
+    assert steep.forward(16, 1024) == pytest.approx(0.001 + 0.009 * 960 / 448)  # rising: extended
+    noisy = ModelCosts({64: {1: 2.0, 2: 1.0}}, {16: 3.0, 256: 1.0})
+    assert noisy.forward(8, 64) == pytest.approx(0.001)  # a falling slope in k is not extended
+    assert noisy.prefill(1024) == pytest.approx(0.001)
+
+
 def test_replay_sums_each_forward_at_its_own_cost():
     t = table()
     log = [ForwardRecord("target", 16, 0, 9.9, 0.0), ForwardRecord("draft", 1, 64, 9.9, 1.0),

@@ -21,13 +21,16 @@ from .runner import ForwardRecord
 
 
 def _interpolate(points: list[tuple[int, float]], x: float) -> float:
-    """Piecewise linear through sorted (x, y) points, extended linearly past both ends."""
+    """Piecewise linear through sorted (x, y) points, extended past both ends linearly where that
+    rises and flat where it would fall: a forward never gets cheaper with more tokens or more
+    context, and a steep measured slope (a small model's attention over 64 against 512 cached
+    tokens) extended down to a 2-token context would reach zero."""
     if len(points) == 1:
         return points[0][1]
     xs = [p[0] for p in points]
     i = min(max(bisect.bisect_left(xs, x), 1), len(points) - 1)
     (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), min(y0, y1))
 
 
 @dataclass(frozen=True)
