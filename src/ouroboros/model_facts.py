@@ -10,8 +10,9 @@ from .errors import InvalidArgumentError
 
 
 def text_config(model):
-    """The decoder's config (multimodal models nest it), where vocab size and context live."""
-    config = model.config
+    """The decoder's config (multimodal models nest it), where vocab size and context live; `model`
+    may be a model or its config."""
+    config = getattr(model, "config", model)
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
@@ -20,7 +21,7 @@ def vocab_size(model) -> int:
 
 
 def context_length(model) -> int | None:
-    """The longest sequence the model was built for (prompt plus output), or None if unknown."""
+    """The longest sequence the model (or config) was built for (prompt plus output), or None if unknown."""
     return getattr(text_config(model), "max_position_embeddings", None)
 
 

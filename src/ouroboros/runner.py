@@ -23,7 +23,7 @@ from .tree import DraftTree
 _TREE_ATTENTION_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 __all__ = ["ForwardLog", "ForwardRecord", "ModelRunner", "UnsupportedModelError", "additive_mask",
-           "check_tree_attention", "decode_step", "move_accepted", "text_config", "tree_inputs"]
+           "check_tree_attention", "common_prefix", "decode_step", "move_accepted", "text_config", "tree_inputs"]
 
 
 @dataclass(frozen=True)
@@ -244,10 +244,10 @@ def reusable_prefix(cached: list[int], sequence: Sequence[int]) -> int:
     """How many cached tokens a forward for `sequence` keeps: the common prefix, short of the
     sequence's last token (the root, whose logits the next forward needs, even when a draft ran
     ahead of the sequence)."""
-    return min(_common_prefix(cached, sequence), len(sequence) - 1)
+    return min(common_prefix(cached, sequence), len(sequence) - 1)
 
 
-def _common_prefix(a: list[int], b: Sequence[int]) -> int:
+def common_prefix(a: list[int], b: Sequence[int]) -> int:
     """Length of the common prefix, by bisection over C-level slice comparisons."""
     b = list(b[:len(a)])
     if a[:len(b)] == b:

@@ -190,7 +190,7 @@ def _peers(args: argparse.Namespace, methods, python: str | None, out: Path):
     target, draft = (args.target, args.draft) if args.target or not names else map(str, default_pair_dirs())
     limit = PEER_CONTEXT
     if names:
-        limit = min(getattr(AutoConfig.from_pretrained(target), "max_position_embeddings", None) or limit, limit)
+        limit = min(context_length(AutoConfig.from_pretrained(target)) or limit, limit)
     return started_peers(names, python, target, draft, dtype=args.dtype, threads=torch.get_num_threads(),
                          max_model_len=limit, speculative_tokens=args.vllm_k, log_dir=out)
 

@@ -14,8 +14,9 @@ it would had it run. So switching to plain decoding or prompt lookup never costs
 
 An arm with a draft model cannot be shadowed (its draft is a forward): it is probed now and then,
 less often each time a probe loses, so a machine where speculation is slower falls back and stays
-there at the cost of a rare probe. A draft model that has not run yet is probed only while its prefill would cost little
-against the remaining generation, so a draft that does not pay costs nothing, not even its prefill.
+there at the cost of a rare probe. A draft model that has not run yet is probed only while its
+prefill would cost little against the remaining generation, so a draft that does not pay costs
+nothing, not even its prefill.
 
 Exactness does not depend on the choice: every arm's proposal is verified by the same rule, and
 which arm runs depends only on earlier steps.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from ..acceptance import StepResult
 from ..planning import Estimate, Plan
 from ..pool import PhraseSource
+from ..runner import common_prefix
 from .base import Context, Proposal, Proposer
 
 SMOOTHING = 0.25
@@ -182,7 +184,7 @@ class AutoProposer:
                 self.open_shadows[arm] = (start, chain)
         for arm, (start, chain) in list(self.open_shadows.items()):
             emitted = tokens[start:]
-            if len(emitted) > _shared(chain, emitted):  # the target's token after the shared prefix is known
+            if len(emitted) > common_prefix(list(chain), emitted):  # the target's token after it is known
                 self._blend(arm, _yield(chain, emitted), self._target_seconds(1 + len(chain)))
                 del self.open_shadows[arm]
 
@@ -212,8 +214,4 @@ def _yield(chain: tuple[int, ...], emitted: list[int]) -> int:
     """Tokens a draft `chain` would have emitted in a step whose target emitted `emitted`: its
     prefix shared with them plus the target's own next token (at most what was emitted: beyond
     that the target's choice is unknown)."""
-    return min(_shared(chain, emitted) + 1, len(emitted))
-
-
-def _shared(chain: tuple[int, ...], emitted: list[int]) -> int:
-    return next((i for i, (a, b) in enumerate(zip(chain, emitted)) if a != b), min(len(chain), len(emitted)))
+    return min(common_prefix(list(chain), emitted) + 1, len(emitted))
