@@ -92,6 +92,19 @@ def test_costs_are_measured_once_then_read_from_the_cache(tmp_path):
         torch.set_num_threads(1)
 
 
+def test_another_cpu_or_a_capped_instruction_set_is_measured_anew(tmp_path, monkeypatch):
+    """The same model on another chip (or this chip held to AVX2) has other costs: never reused."""
+    model = tiny_model("llama", seed=7, vocab=61)
+    forget_in_memory()
+    model_costs(model, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    assert torch.backends.cpu.get_cpu_capability() in json.loads(path.read_text())["key"]["hardware"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    forget_in_memory()
+    _, spent = model_costs(model, cache_dir=tmp_path)
+    assert spent > 0 and len(list(tmp_path.glob("*.json"))) == 2
+
+
 def test_the_cache_directory_is_created_on_first_use(tmp_path):
     model = tiny_model("llama", seed=6, vocab=61)
     forget_in_memory()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import statistics
 import time
 import warnings
@@ -60,14 +61,38 @@ def fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+def hardware(device: torch.device) -> str:
+    """What runs the forwards: the GPU's name, or the CPU's model and the instruction set torch uses.
+
+    The instruction set is part of it because it sets the price of a many-token forward (bf16 over 16
+    tokens: ~1.2x one token with AVX-512-bf16, ~9x with AVX2), and a cap on it
+    (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``) changes the price on the same chip.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return " ".join(filter(None, [_cpu_model(), torch.backends.cpu.get_cpu_capability(),
+                                  isa_cap and f"oneDNN<={isa_cap}"]))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_key(model, runner: str = "eager") -> dict:
     """Everything a measured cost depends on besides the model itself."""
     import transformers
 
     parameter = next(model.parameters())
-    return {"device": str(parameter.device), "dtype": str(parameter.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "runner": runner, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {"device": str(parameter.device), "hardware": hardware(parameter.device),
+            "dtype": str(parameter.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "runner": runner, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def measure_costs(model, tokens=MEASURED_TOKENS, cached=MEASURED_CACHED, repeats: int = REPEATS,
@@ -130,7 +155,7 @@ def model_costs(model, *, fast: bool | None = False, cache_dir: str | os.PathLik
         _memory[name] = costs
         return costs, 0.0
     if progress:
-        print(f"ouroboros: measuring forward costs of {type(model).__name__} on {key['device']} "
+        print(f"ouroboros: measuring forward costs of {type(model).__name__} on {key['hardware']} "
               f"({key['dtype']}, {key['threads']} threads) once; cached in {path.parent}", flush=True)
     start = time.perf_counter()
     costs = measure_costs(model, runner=runner)

@@ -204,11 +204,13 @@ def environment() -> dict:
     import transformers
 
     from .. import __version__
+    from ..cost_cache import hardware
 
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "ouroboros": __version__},
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
+                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "cpu": hardware(torch.device("cpu"))}}
 
 
 def plot_speedups(path: Path, runs: list[dict]) -> None:
