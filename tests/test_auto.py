@@ -112,6 +112,25 @@ def test_where_extra_tokens_cost_full_price_auto_plans_plain_decoding_and_never_
     assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
 
 
+@pytest.mark.parametrize(("draft_ms", "start"), [(40, "ouroboros"), (50, "ouroboros"), (70, "prompt_lookup")])
+def test_the_draft_starts_where_its_floor_comes_near_prompt_lookups_guess(draft_ms, start):
+    """Prompt lookup's rate before decoding is a guess that shadowing corrects for free while the
+    draft runs; the draft's is a floor that only running it can correct. So the draft starts when
+    its floor beats plain decoding and is within LOOKUP_DOUBT of lookup's guess, and only then."""
+    from ouroboros.config import OuroborosConfig
+    from ouroboros.planning import LOOKUP_DOUBT, plan
+
+    chosen = plan(synthetic(target_one=100, target_slope=0.5, draft_one=draft_ms), 16, 128, acceptance=0.75,
+                  base=OuroborosConfig(), has_draft=True)
+    rates = {arm: estimate.rate for arm, estimate in chosen.estimates.items()}
+    assert chosen.start == start, rates
+    assert rates["ouroboros"] > rates["vanilla"]
+    if draft_ms == 50:  # the case the rule is for: lookup's guess is ahead, by less than the doubt
+        assert rates["ouroboros"] < rates["prompt_lookup"] <= LOOKUP_DOUBT * rates["ouroboros"]
+    if start == "prompt_lookup":
+        assert LOOKUP_DOUBT * rates["ouroboros"] < rates["prompt_lookup"]
+
+
 def test_a_draft_prefill_that_costs_more_than_it_can_save_is_skipped():
     """Free extra tokens, but a long prompt whose draft prefill (here 10 s) dwarfs a short answer."""
     target = tiny_model("llama", seed=0, vocab=VOCAB)

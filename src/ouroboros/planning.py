@@ -7,7 +7,13 @@ the cache length the generation will mostly run at and the draft's expected acce
   so it starts from a modest guess and is learned while decoding;
 - ouroboros: sizes from `sizing.choose` (the same cost model as `ouroboros tune`), with the draft
   model's prefill spread over the tokens to generate (on a long prompt that prefill may cost more
-  than the draft saves).
+  than the draft saves). Its rate is a floor: the better of the two that model predicts, Ouroboros
+  without credit for phrase and branch hits, and the draft's plain chain (which its adaptive drafts
+  can shrink to).
+
+The start prefers the draft arm where its floor beats plain decoding and comes near prompt lookup's
+guess: while the draft arm runs, prompt lookup is scored for free (shadowed), so a wrong start there
+is corrected without cost; the other way round, the draft arm is only learned by probing it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from .sizing import CostCurve, choose
 LOOKUP_PRIOR_TOKENS = 1.25
 """Tokens per step assumed for prompt lookup before any is observed: a modest hit rate, so that it
 is tried first only where verifying its draft costs little more than one token."""
+LOOKUP_DOUBT = 1.1
+"""The draft arm starts instead of prompt lookup when its floor is within this factor of lookup's
+guess (and above plain decoding)."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,14 @@ def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptanc
         sizing = choose(target, CostCurve.at_cached(table.draft, cached), acceptance=acceptance, base=base)
         config = replace(base, draft_cost=sizing.config.draft_cost, verify_budget=sizing.config.verify_budget)
         draft_prefill = table.draft.prefill(prompt_tokens)
-        speedup = sizing.predicted.get("ouroboros", 0.0)
+        speedup = max(sizing.predicted.values())
         per_token = one / speedup + draft_prefill / max_new_tokens if speedup > 0 else float("inf")
         estimates["ouroboros"] = Estimate(1.0, per_token)
     best = max(estimates, key=lambda arm: (estimates[arm].rate, arm == "vanilla"))
     vanilla = estimates["vanilla"].rate
+    draft = estimates.get("ouroboros")
+    if best == "prompt_lookup" and draft and draft.rate >= vanilla and LOOKUP_DOUBT * draft.rate >= lookup_guess.rate:
+        best = "ouroboros"
     if best == "ouroboros":
         reason = (f"predicted {estimates[best].rate / vanilla:.2f}x plain decoding from the measured costs "
                   f"(target over 16 tokens = {target.at(16) / one:.2f}x one token) and acceptance {acceptance:.2f}")
