@@ -58,12 +58,33 @@ def test_adaptive_length_drafts_further_when_confident():
         for cost in (1e-9, 0.99):
             drafting, _ = proposer(ModelRunner(model, role="draft"), adaptive_length=True, draft_cost=cost,
                                    draft_cap=10)
-            drafted, confidence, runner_up = drafting.draft(context)
+            drafted, confidence, runner_up = drafting.draft(context, room=39)
             assert len(drafted) == len(confidence) == len(runner_up)
             assert all(0 < p <= 1 for p in confidence) and all(a != b for a, b in zip(drafted, runner_up))
             lengths[cost] = drafted
     assert len(lengths[1e-9]) == 10 and len(lengths[0.99]) == 1
     assert lengths[1e-9][:1] == lengths[0.99]
+
+
+def test_no_draft_forward_runs_past_what_the_target_will_verify():
+    """A verify budget of 2 (where each extra verified token costs a target forward's worth, AVX2)
+    leaves room for one drafted token: the draft model runs once, however confident it is."""
+    model = tiny_model("llama", seed=0, vocab=VOCAB)
+    runner = ModelRunner(model, role="draft")
+    with torch.inference_mode():
+        drafting, _ = proposer(runner, adaptive_length=True, draft_cost=1e-9, draft_cap=10, verify_budget=2,
+                               draft_free=False)
+        proposal = drafting.propose(Context(PATTERN * 2, 40))
+    assert runner.forwards == 1 and len(proposal.trunk) == 1 and proposal.tree.size == 1
+    drafting.pool.insert(proposal.tree.tokens[proposal.trunk[-1]], (3, 4))  # a branch for that trunk
+    with torch.inference_mode():
+        again = drafting.propose(Context(PATTERN * 2, 40))
+    assert again.tree.size == 1 and not again.tried  # no room left in the target's forward for it
+    roomy, _ = proposer(ModelRunner(model, role="draft"), adaptive_length=False, gamma=1, draft_free=False,
+                        spread_branches=False)
+    roomy.pool = drafting.pool
+    with torch.inference_mode():
+        assert roomy.propose(Context(PATTERN * 2, 40)).tried  # where there is room, it is tried
 
 
 def test_the_estimate_is_calibrated_by_learn():

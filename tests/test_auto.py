@@ -33,13 +33,14 @@ def delayed(model, delay):
     return copy
 
 
-def synthetic(target_one, target_slope, draft_one, prefill_per_token=0.001):
+def synthetic(target_one, target_slope, draft_one, prefill_per_token=0.001, draft_slope=None):
     """A cost table (ms) with forward(k) = one + slope * (k - 1) at every cache length."""
     def costs(one, slope):
         row = {k: one + slope * (k - 1) for k in (1, 2, 4, 8, 16, 32)}
         prefill = {p: p * prefill_per_token * 1000 for p in (16, 1024)}
         return ModelCosts({64: row, 512: row}, prefill)
-    return CostTable(costs(target_one, target_slope), costs(draft_one, draft_one * 0.01))
+    return CostTable(costs(target_one, target_slope), costs(draft_one, draft_one * 0.01 if draft_slope is None
+                                                            else draft_slope))
 
 
 def greedy(target, ids, n):
@@ -110,6 +111,31 @@ def test_where_extra_tokens_cost_full_price_auto_plans_plain_decoding_and_never_
     assert out.stats.plan.startswith("auto: vanilla")
     assert out.stats.draft_forwards == 0
     assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
+
+
+def test_a_draft_predicted_slower_than_plain_decoding_is_never_tried():
+    """Costs like this host's held to AVX2 (two tokens cost 1.6x one, the draft 0.36 of the target):
+    the plan puts the draft at 0.89x plain decoding, near enough that patience alone would probe it
+    after two steps; but a draft that has not run is tried only where it is predicted to pay, so
+    neither its prefill nor a probe is spent."""
+    target = tiny_model("llama", seed=0, vocab=VOCAB)
+    out = generate(target, PROMPT, draft=perturbed(target, scale=0.02), method="auto", max_new_tokens=60,
+                   eos_token_id=[], costs=synthetic(target_one=100, target_slope=60, draft_one=36))
+    assert out.stats.plan.startswith("auto: vanilla") and "0.89x" in out.stats.plan
+    assert out.stats.draft_forwards == 0 and out.stats.events.get("auto_probes", 0) == 0
+    assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
+
+
+@pytest.mark.parametrize(("draft_slope", "phrase_drafting"), [(0.3, True), (18, False)])
+def test_the_draft_arm_drafts_phrases_only_where_its_wider_forward_is_free(draft_slope, phrase_drafting):
+    """A Jacobi drafting forward feeds the draft several tokens: worth it where that costs about one
+    token's forward (AVX-512-bf16, GPUs), not where each token costs 0.6 of one more (AVX2)."""
+    from ouroboros.config import OuroborosConfig
+    from ouroboros.planning import plan
+
+    table = synthetic(target_one=100, target_slope=0.5, draft_one=30, draft_slope=draft_slope)
+    chosen = plan(table, 16, 128, acceptance=0.75, base=OuroborosConfig(), has_draft=True)
+    assert chosen.config.phrase_drafting is phrase_drafting
 
 
 @pytest.mark.parametrize(("draft_ms", "start"), [(40, "ouroboros"), (50, "ouroboros"), (70, "prompt_lookup")])

@@ -50,7 +50,8 @@ class Plan:
     """The arm to start with: "vanilla", "prompt_lookup" or "ouroboros"."""
     config: OuroborosConfig
     """The ouroboros arm's config: the given sizes (its adaptive drafts size themselves) with this
-    machine's draft cost and verification budget."""
+    machine's draft cost and verification budget, and phrase drafting only where the draft's wider
+    forward is free here."""
     lookup_gamma: int = 3
     """Draft length for prompt lookup, from the target's costs."""
     estimates: dict[str, Estimate] = field(default_factory=dict)
@@ -82,7 +83,8 @@ def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptanc
     draft_prefill = 0.0
     if has_draft and table.draft is not None:
         sizing = choose(target, CostCurve.at_cached(table.draft, cached), acceptance=acceptance, base=base)
-        config = replace(base, draft_cost=sizing.config.draft_cost, verify_budget=sizing.config.verify_budget)
+        config = replace(base, draft_cost=sizing.config.draft_cost, verify_budget=sizing.config.verify_budget,
+                         phrase_drafting=sizing.config.phrase_drafting)
         draft_prefill = table.draft.prefill(prompt_tokens)
         speedup = max(sizing.predicted.values())
         per_token = one / speedup + draft_prefill / max_new_tokens if speedup > 0 else float("inf")

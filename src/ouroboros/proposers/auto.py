@@ -14,9 +14,9 @@ it would had it run. So switching to plain decoding or prompt lookup never costs
 
 An arm with a draft model cannot be shadowed (its draft is a forward): it is probed now and then,
 less often each time a probe loses, so a machine where speculation is slower falls back and stays
-there at the cost of a rare probe. A draft model that has not run yet is probed only while its
-prefill would cost little against the remaining generation, so a draft that does not pay costs
-nothing, not even its prefill.
+there at the cost of a rare probe. A draft model that has not run yet is probed only where the plan
+predicts it faster than plain decoding and while its prefill would cost little against the
+remaining generation, so a draft that is not expected to pay costs nothing, not even its prefill.
 
 Exactness does not depend on the choice: every arm's proposal is verified by the same rule, and
 which arm runs depends only on earlier steps.
@@ -152,9 +152,14 @@ class AutoProposer:
         return max(self.arms, key=lambda arm: (self.estimates[arm].rate, arm == "vanilla"))
 
     def _may_probe(self, arm: str, context: Context) -> bool:
+        """A draft model that has not run yet is tried only if the plan predicts it faster than
+        plain decoding (else its prefill and probes are a loss with little chance of return) and
+        its prefill is a small share of the time left."""
         runner = self.arms[arm].draft_runner
         if runner is None or runner.forwards:
             return True
+        if self.plan.estimates[arm].rate < self.plan.estimates["vanilla"].rate:
+            return False
         per_token = 1 / max(self.estimates[self._best()].rate, 1e-9)
         return self.plan.draft_prefill < PREFILL_SHARE * context.remaining * per_token
 

@@ -88,10 +88,11 @@ class DraftModelProposer:
         self.tokens, self.spent = 2.0, 1.0 + config.draft_cost
         """Tokens emitted and their cost in target forwards so far (a prior of one 2-token step)."""
 
-    def draft(self, context: Context) -> tuple[list[int], list[float], list[int]]:
+    def draft(self, context: Context, room: int) -> tuple[list[int], list[float], list[int]]:
         """The draft model's greedy continuation (at least min(gamma, budget) tokens, or as far as
-        `adaptive_length` finds it confident), with each token's top-1 probability and runner-up."""
-        budget = context.remaining - 1
+        `adaptive_length` finds it confident), with each token's top-1 probability and runner-up.
+        It stops at `room`, the tokens the target will verify: a draft forward past them is wasted."""
+        budget = min(context.remaining - 1, room)
         adaptive = self.config.adaptive_length
         goal = min(self.config.draft_cap if adaptive else self.gamma, budget)
         tokens, drafted, confidence, runner_up = list(context.tokens), [], [], []
@@ -126,13 +127,13 @@ class DraftModelProposer:
             trunk = tree.add_chain(known, source="context")
             self.events["draft_free"] += 1
         else:
-            drafted, confidence, runner_up = self.draft(context)
-            trunk = tree.add_chain(drafted[:room], source="draft")
+            drafted, confidence, runner_up = self.draft(context, room)
+            trunk = tree.add_chain(drafted, source="draft")
         tried = []
         if trunk and self.branches:
             for phrase in self.pool.follow(context.tokens + tree.path_tokens(trunk), self.branches):
-                nodes = tree.add_chain(phrase, parent=trunk[-1], source="branch")
-                if nodes:  # empty when the trunk already reaches the token budget
+                nodes = _add_within(tree, phrase, trunk[-1], room - tree.size, "branch")
+                if nodes:  # empty when the trunk already fills the target's forward
                     tried.append((phrase, tuple(nodes)))
         if config.spread_branches:
             self._spread(tree, context, trunk, confidence[:len(trunk)], runner_up, known)
