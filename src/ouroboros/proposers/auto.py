@@ -96,8 +96,11 @@ class AutoProposer:
         arm = self._choose(context)
         started = self.clock()
         inner = self.arms[arm].propose(context)
+        # none on the first step, as its arm is not judged on it: an answer's opening often repeats
+        # the prompt's end, a long lookup match that says little about the rest
         shadows = tuple((other, len(context.tokens), tuple(self.arms[other].propose(context).tree.tokens))
-                        for other in self.shadowed if other != arm and other not in self.open_shadows)
+                        for other in self.shadowed if other != arm and other not in self.open_shadows
+                        and self.steps)
         return AutoProposal(inner.tree, inner.trunk, inner.tried, arm=arm, inner=inner, started=started,
                             shadows=shadows)
 
