@@ -46,9 +46,14 @@ SWITCH_MARGIN = 1.1
 """Another arm replaces the running one only when its estimate is this much better: one step's
 tokens vary a lot (a 15-token accept, then a 1-token one), and each switch has its price (a
 draft model falls behind the context and must catch up)."""
+LEAVE_MARGIN = 1.3
+"""The margin to leave an arm that cannot be shadowed (a draft model): coming back to it costs a
+probe, FIRST_PROBE steps or more later, and the draft model's catch-up on the context, whereas an
+arm without a draft that is left goes on being scored for free."""
 PROBE_STEPS = 3
 """Steps a probe runs: one step is too noisy a sample (its first step also pays the draft model's
-catch-up on the context), and a probe that loses by luck waits twice as long for the next."""
+catch-up on the context), and a probe that loses by luck waits twice as long for the next. The
+start arm runs as many judged steps before anything replaces it."""
 PREFILL_SHARE = 0.1
 """A draft model that has not run yet is probed only if its prefill costs below this share of the
 predicted time for the remaining tokens."""
@@ -126,8 +131,11 @@ class AutoProposer:
         if self.probe_left:
             self.probe_left -= 1
             return self.probing
+        if self.steps <= PROBE_STEPS:  # the first step is not judged: the start gets PROBE_STEPS judged ones
+            return self.current
         best = self._best()
-        if self.estimates[best].rate < SWITCH_MARGIN * self.estimates[self.current].rate:
+        margin = SWITCH_MARGIN if self.current in self.shadowed else LEAVE_MARGIN
+        if self.estimates[best].rate < margin * self.estimates[self.current].rate:
             best = self.current
         for arm in self.waited:
             if arm != best:
