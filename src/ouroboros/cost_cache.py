@@ -10,6 +10,7 @@ written warns once and the table lives in memory only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -75,7 +76,9 @@ def hardware(device: torch.device) -> str:
                                   isa_cap and f"oneDNN<={isa_cap}"]))
 
 
+@functools.cache
 def _cpu_model() -> str:
+    """The CPU's model name, read once per process (it is part of every cost-cache key)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

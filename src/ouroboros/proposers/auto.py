@@ -103,9 +103,9 @@ class AutoProposer:
         inner = self.arms[arm].propose(context)
         # none on the first step, as its arm is not judged on it: an answer's opening often repeats
         # the prompt's end, a long lookup match that says little about the rest
+        shadowing = [other for other in self.shadowed if other != arm and other not in self.open_shadows]
         shadows = tuple((other, len(context.tokens), tuple(self.arms[other].propose(context).tree.tokens))
-                        for other in self.shadowed if other != arm and other not in self.open_shadows
-                        and self.steps)
+                        for other in (shadowing if self.steps else []))
         return AutoProposal(inner.tree, inner.trunk, inner.tried, arm=arm, inner=inner, started=started,
                             shadows=shadows)
 
