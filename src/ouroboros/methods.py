@@ -137,4 +137,5 @@ register(Method("prompt_lookup", lambda setup: PromptLookupProposer(setup.config
 register(Method("ouroboros", _ouroboros, needs_draft=True,
                 summary="draft model with phrase drafting, branches and phrase harvesting"))
 register(Method("auto", _auto, uses_draft=True,
-                summary="picks and switches among the above per step from measured costs; never slower than plain"))
+                summary="picks and switches among the above per step from measured costs, plain decoding where "
+                        "speculation does not pay"))

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..arguments import DEFAULT_METHOD
 from ..config import OuroborosConfig
 from ..errors import InvalidArgumentError, OuroborosError
 from ..methods import get_method
@@ -76,12 +77,13 @@ class _Settings:
     created: int
 
 
-def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = None, method: str = "ouroboros",
+def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = None, method: str = DEFAULT_METHOD,
                pool_mode: str = "shared", pool_file: str | os.PathLike | None = None,
                pool_save_interval: float = 300.0, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                max_queue: int = DEFAULT_MAX_QUEUE, fast: bool | None = None) -> FastAPI:
-    """The FastAPI app serving `target` (with `draft`). Raises the package's errors (ValueError
+    """The FastAPI app serving `target` (with `draft`); `method` defaults to `ouroboros serve`'s, so
+    an app built in Python serves what the command does. Raises the package's errors (ValueError
     subclasses) for bad settings or an unusable pool file, before anything is served. The worker
     starts and stops with the app's lifespan."""
     config = OuroborosConfig() if config is None else config
