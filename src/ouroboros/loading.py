@@ -3,7 +3,12 @@ they share one tokenizer, so that token ids mean the same thing to both models."
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -12,6 +17,11 @@ from .errors import InvalidArgumentError, ModelNotFoundError
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
+
+
+COPY_SOURCE = "ouroboros-source.json"
+"""In a `stored_as` copy: the size and mtime of each weight file it was made from, so a source
+converted again is copied again."""
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -51,8 +61,75 @@ def load_default_pair(dtype: str | torch.dtype = torch.bfloat16, cache_dir: str 
                       converter: Converter | None = None):
     """(target, draft, tokenizer) of the built-in pair (converted on first use), through the same
     loader and checks as any other pair. `spec` and `converter` let tests use small fake parts."""
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     target, draft = default_pair_dirs(cache_dir, progress, spec=spec, converter=converter)
+    target, draft = (stored_as(path, dtype, progress) for path in (target, draft))
     return load_dirs(target, draft, dtype=dtype, device=device, progress=progress)
+
+
+def stored_as(directory: str | os.PathLike, dtype: torch.dtype, progress: bool = False) -> Path:
+    """`directory`'s model with its weights stored in `dtype`: `directory` itself when they already
+    are, else a sibling folder `<name>-<dtype>` written once.
+
+    Why: loading float32 files in bf16 keeps every float32 page of the file mapped until the load
+    ends (measured: 10.8 GB peak RSS for the built-in 1.5B target, whose bf16 weights are 3.6 GB),
+    while files already in bf16 are memory-mapped as they are (1.4 s instead of 9 s to load). The
+    copy is written tensor by tensor (one float32 tensor in memory at a time) into a temporary
+    folder that is renamed into place when complete, so an interrupted copy is never used."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    name = str(dtype).removeprefix("torch.")
+    if _stored_dtype(directory) in (None, name):
+        return directory
+    copy = directory.with_name(f"{directory.name}-{name}")
+    source = {item.name: [item.stat().st_size, item.stat().st_mtime_ns] for item in directory.glob("*.safetensors")}
+    try:
+        if _stored_dtype(copy) == name and json.loads((copy / COPY_SOURCE).read_text()) == source:
+            return copy
+    except (OSError, ValueError):
+        pass  # absent or unreadable: made anew below
+    if progress:
+        print(f"ouroboros: storing {directory.name} in {name} once (faster loading, half the memory) ...",
+              file=sys.stderr, flush=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{copy.name}.tmp-", dir=directory.parent))
+    try:
+        for item in directory.iterdir():
+            if item.suffix == ".safetensors":
+                with safe_open(item, "pt") as f:
+                    keys = list(f.keys())
+                tensors = {}
+                for key in keys:  # reopened per tensor: its float32 pages are unmapped right after
+                    with safe_open(item, "pt") as f:
+                        tensors[key] = f.get_tensor(key).to(dtype)
+                save_file(tensors, work / item.name, metadata={"format": "pt"})
+                del tensors
+            elif item.name == "config.json":
+                config = json.loads(item.read_text())
+                config["dtype"] = name
+                (work / item.name).write_text(json.dumps(config, indent=2) + "\n")
+            elif item.is_file():
+                shutil.copy2(item, work / item.name)
+        (work / COPY_SOURCE).write_text(json.dumps(source))
+        shutil.rmtree(copy, ignore_errors=True)
+        os.replace(work, copy)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return copy
+
+
+def _stored_dtype(directory: Path) -> str | None:
+    """The dtype a model folder's config says its weights are stored in; None when it is not a
+    complete model folder or does not say."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not any(directory.glob("*.safetensors")):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def check_model_dir(role: str, path: str | os.PathLike) -> None:
