@@ -47,13 +47,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         text = args.prompt
     input_ids = tokenizer(text, return_tensors="pt").input_ids.to(target.device)
+    costs = None
+    if get_method(args.method).needs_costs:  # read here, so that a first measurement is announced and timed apart
+        from .cost_cache import cost_table
+
+        costs = cost_table(target, draft, fast=generate_fast(args), progress=True)
+        if costs.meta["measure_seconds"]:
+            print(f"ouroboros: forward costs measured in {costs.meta['measure_seconds']:.1f} s (once per machine "
+                  "and setting; not counted below)", file=sys.stderr)
     streamer = counting_streamer(tokenizer)
     start = time.perf_counter()
     try:
         out = generate(target, input_ids, draft=draft, method=args.method, max_new_tokens=args.max_new_tokens,
                        config=config, streamer=streamer, do_sample=args.temperature > 0,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       seed=args.seed, fast=generate_fast(args))
+                       seed=args.seed, costs=costs, fast=generate_fast(args))
     except KeyboardInterrupt:
         streamer.end()
         seconds = time.perf_counter() - start
@@ -63,10 +71,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = out.stats
     if s.plan:
         print(f"\n{s.plan}", file=sys.stderr)
-    print(f"\n[{args.method}] {s.new_tokens} tokens in {s.wall_time:.2f} s: {s.tokens_per_second:.2f} tokens/s, "
-          f"{s.mean_accepted:.2f} tokens per target forward ({s.target_forwards} target, "
-          f"{s.draft_forwards} draft forwards)", file=sys.stderr)
+    print(f"\n{summary_line(args.method, s)}", file=sys.stderr)
     return 0
+
+
+def summary_line(method: str, stats) -> str:
+    """The speed summary: tokens/s over the generating time only; compiling, paid once per process
+    and shape, is said apart."""
+    line = (f"[{method}] {stats.new_tokens} tokens in {stats.decode_time:.2f} s: {stats.tokens_per_second:.2f} "
+            f"tokens/s, {stats.mean_accepted:.2f} tokens per target forward ({stats.target_forwards} target, "
+            f"{stats.draft_forwards} draft forwards)")
+    if stats.compile_seconds:
+        line += f"; compiling took {stats.compile_seconds:.1f} s more (not counted)"
+    return line
 
 
 def generate_fast(args: argparse.Namespace) -> bool:

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ from .costs import CostTable, ModelCosts
 from .errors import ConfigError
 from .files import write_json_atomically
 from .model_facts import vocab_size
-from .runner import ModelRunner
+from .runner import ForwardRecord, ModelRunner
 from .static_runner import make_runner, runner_kind
 from .tree import DraftTree
 
@@ -36,6 +37,11 @@ MEASURED_TOKENS = (1, 2, 4, 8, 16, 32)
 MEASURED_CACHED = (64, 512)
 REPEATS = 3
 """Timed forwards per (k, cached) cell, averaged."""
+DRIFT_TOLERANCE = 0.3
+"""A cached table whose prediction of a run's forwards is off by more than this share is measured again."""
+DRIFT_MIN_SECONDS = 2.0
+"""Predicted seconds of a model's forwards in a run before its table is judged: a few forwards, or
+a tiny model's sub-millisecond ones, time mostly noise."""
 _memory: dict[str, ModelCosts] = {}
 _warned: set[str] = set()
 
@@ -53,7 +59,9 @@ def cost_cache_dir() -> Path:
 def fingerprint(model) -> str:
     """A short hash of what makes one model's costs: class, config and a sample of its weights."""
     digest = hashlib.sha256(type(model).__name__.encode())
-    digest.update(model.config.to_json_string(use_diff=False).encode())
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)  # the folder it was loaded from: the same pair elsewhere costs the same
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.inference_mode():
         for parameter in (next(model.parameters()), list(model.parameters())[-1]):
             sample = parameter.detach().reshape(-1)[:4096].float().cpu()
@@ -145,25 +153,32 @@ def model_costs(model, *, fast: bool | None = False, cache_dir: str | os.PathLik
                 progress: bool = False) -> tuple[ModelCosts, float]:
     """(costs, seconds spent measuring: 0 when cached) for `model` in this process's setting, on
     the runner `generate(fast=fast)` would use."""
+    costs, spent, _ = _cached_costs(model, fast, cache_dir, progress)
+    return costs, spent
+
+
+def _cached_costs(model, fast: bool | None, cache_dir, progress: bool) -> tuple[ModelCosts, float, Path]:
+    """`model_costs`, plus the cache file the costs live in."""
     runner = make_runner(model, fast=fast)
     key = {"model": fingerprint(model), **environment_key(model, runner_kind(runner)),
            "statistic": f"mean of {REPEATS}"}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    if name in _memory:
-        return _memory[name], 0.0
     path = Path(cache_dir) if cache_dir is not None else cost_cache_dir()
     path = path / f"{name}.json"
+    if str(path) in _memory:
+        return _memory[str(path)], 0.0, path
     costs = _read(path, key)
     if costs is not None:
-        _memory[name] = costs
-        return costs, 0.0
+        _memory[str(path)] = costs
+        return costs, 0.0, path
     if progress:
-        print(f"ouroboros: measuring forward costs of {type(model).__name__} on {key['hardware']} "
-              f"({key['dtype']}, {key['threads']} threads) once; cached in {path.parent}", flush=True)
+        print(f"ouroboros: measuring the forward costs of {type(model).__name__} on {key['hardware']} "
+              f"({key['dtype']}, {key['threads']} threads), once; cached in {path.parent}", file=sys.stderr,
+              flush=True)
     start = time.perf_counter()
     costs = measure_costs(model, runner=runner)
     spent = time.perf_counter() - start
-    _memory[name] = costs
+    _memory[str(path)] = costs
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(path, {"format": FORMAT, "key": key, "measure_seconds": round(spent, 2),
@@ -171,7 +186,7 @@ def model_costs(model, *, fast: bool | None = False, cache_dir: str | os.PathLik
     except OSError as exc:
         _warn_once(str(path.parent), f"cannot write the cost cache {path.parent} ({exc}); costs are kept in "
                                      "memory for this process only")
-    return costs, spent
+    return costs, spent, path
 
 
 def _read(path: Path, key: dict) -> ModelCosts | None:
@@ -201,14 +216,41 @@ def cost_table(target, draft=None, *, fast: bool | None = False, cache_dir=None,
                ) -> CostTable:
     """Costs of the pair as it runs here (on the runner `generate(fast=fast)` uses), measured on
     first use and cached; `meta["measure_seconds"]` says how long this call spent measuring."""
-    target_costs, spent = model_costs(target, fast=fast, cache_dir=cache_dir, progress=progress)
-    draft_costs = None
+    target_costs, spent, target_file = _cached_costs(target, fast, cache_dir, progress)
+    draft_costs, files = None, {"target": str(target_file)}
     if draft is not None:
-        draft_costs, more = model_costs(draft, fast=fast, cache_dir=cache_dir, progress=progress)
+        draft_costs, more, files["draft"] = _cached_costs(draft, fast, cache_dir, progress)
         spent += more
     kind = runner_kind(make_runner(target, fast=fast))
-    meta = {"machine": environment_key(target, kind), "measure_seconds": round(spent, 2)}
+    meta = {"machine": environment_key(target, kind), "measure_seconds": round(spent, 2), "files": files}
     return CostTable(target_costs, draft_costs, meta)
+
+
+def check_against_run(table: CostTable, log: list[ForwardRecord], tolerance: float = DRIFT_TOLERANCE,
+                      min_seconds: float = DRIFT_MIN_SECONDS) -> list[str]:
+    """Compare a cached table with the forwards a generation really timed; a model whose forwards
+    took more than `tolerance` away from the table's prediction (e.g. a table measured while the
+    machine was busy: a one-token forward cached at 1720 ms against 235 ms idle) has its cached
+    table dropped, so the next use measures it again. Returns one warning per dropped table.
+    Forwards that compiled a graph are left out; a model's forwards must be predicted to take
+    `min_seconds` at least."""
+    warnings_given = []
+    files = table.meta.get("files", {})  # a table from the cache says which files; a caller's own has none
+    for model, file in list(files.items()):
+        timed = [record for record in log if record.model == model and not record.compiled]
+        predicted = sum(table.costs(model).seconds(record) for record in timed)
+        if not timed or predicted < min_seconds:
+            continue
+        ratio = sum(record.seconds for record in timed) / predicted
+        if abs(ratio - 1) > tolerance:
+            _memory.pop(str(file), None)
+            del files[model]  # judged once: later runs with this table in memory do not warn again
+            Path(file).unlink(missing_ok=True)
+            message = (f"the cached forward costs of the {model} took {ratio:.2f}x their prediction in this run "
+                       f"({len(timed)} forwards): dropped {file}, measured again on next use")
+            warnings.warn(message, stacklevel=2)
+            warnings_given.append(message)
+    return warnings_given
 
 
 def forget_in_memory() -> None:

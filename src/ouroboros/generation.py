@@ -12,6 +12,7 @@ import torch
 
 from .acceptance import Sampler, greedy_verify
 from .config import OuroborosConfig
+from .cost_cache import check_against_run, cost_table
 from .costs import CostTable
 from .errors import InvalidArgumentError, InvalidTypeError
 from .methods import METHODS, Setup, get_method
@@ -35,7 +36,11 @@ class GenerationStats:
     accept_lengths: list[int] = field(default_factory=list)
     """Tokens emitted per target forward (the first forward includes the prefill)."""
     wall_time: float = 0.0
-    """Seconds for the whole call, prefill included."""
+    """Seconds for the whole call, prefill included (and any compiling and cost measuring below)."""
+    compile_seconds: float = 0.0
+    """Of `wall_time`: forwards that compiled a graph first (the fast path's first use of a shape)."""
+    measure_seconds: float = 0.0
+    """Of `wall_time`: measuring this machine's forward costs (auto's first use on a machine)."""
     events: dict[str, int] = field(default_factory=dict)
     """Acceptance paths taken: trunk_full, trunk_partial, branch_accepted, branch_rejected,
     phrase_accepted / phrase_rejected (pool phrases checked by a Jacobi step), draft_free (steps
@@ -52,8 +57,14 @@ class GenerationStats:
         return self.new_tokens / max(self.target_forwards, 1)
 
     @property
+    def decode_time(self) -> float:
+        """Seconds spent generating: `wall_time` less compiling and cost measuring, which are one-off."""
+        return max(self.wall_time - self.compile_seconds - self.measure_seconds, 0.0)
+
+    @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.wall_time if self.wall_time > 0 else 0.0
+        """New tokens per second of `decode_time` (compiling and cost measuring are not counted)."""
+        return self.new_tokens / self.decode_time if self.decode_time > 0 else 0.0
 
 
 @dataclass
@@ -109,9 +120,13 @@ def generate(
     eos = set(eos_token_ids(target, eos_token_id))
     stats = GenerationStats()
     start = time.perf_counter()
+    spec = get_method(method)
+    own_costs = spec.needs_costs and costs is None
     with torch.inference_mode():
+        if own_costs:  # before the runners: on the fast path they reuse the measuring runners' buffers and graphs
+            costs = cost_table(target, draft if spec.takes_draft else None, fast=fast)
+            stats.measure_seconds = costs.meta.get("measure_seconds", 0.0)
         runner = make_runner(target, fast=fast, role="target")
-        spec = get_method(method)
         pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
         draft_runner = make_runner(draft, fast=fast, role="draft") if spec.takes_draft and draft is not None else None
         proposer = spec.build(Setup(list(prompt), config, pool, draft_runner, target, max_new_tokens, costs, fast))
@@ -142,6 +157,10 @@ def generate(
     stats.target_forwards = runner.forwards
     stats.draft_forwards = len(draft_log)
     stats.forward_log = sorted(runner.log + draft_log, key=lambda record: record.started)
+    stats.compile_seconds = runner.compile_seconds + (
+        proposer.draft_runner.compile_seconds if proposer.draft_runner is not None else 0.0)
+    if costs is not None:
+        check_against_run(costs, stats.forward_log)
     stats.events = dict(proposer.events)
     if getattr(proposer, "plan", None) is not None:
         stats.plan = proposer.plan.line()

@@ -34,7 +34,8 @@ class Setup:
     """The target model (for methods that measure it, like auto)."""
     max_new_tokens: int = 0
     costs: CostTable | None = None
-    """Forward costs of this machine, if the caller has them (auto measures them otherwise)."""
+    """Forward costs of this machine: the caller's, or read (measured on first use) by `generate` for
+    a method that `needs_costs`."""
     fast: bool | None = None
     """generate()'s runner choice, so that measured costs describe the runner in use."""
 
@@ -47,6 +48,8 @@ class Method:
     uses_draft: bool | None = None
     """Uses a draft model when one is given (None: only when it needs one)."""
     summary: str = ""
+    needs_costs: bool = False
+    """Plans from this machine's cost table: `generate` reads (or measures) it before building."""
 
     @property
     def takes_draft(self) -> bool:
@@ -110,13 +113,13 @@ def _ouroboros(setup: Setup) -> Proposer:
 
 
 def _auto(setup: Setup) -> Proposer:
-    from .cost_cache import cost_table
     from .planning import plan
     from .proposers.auto import AutoProposer
 
     draft = setup.draft_runner.model if setup.draft_runner is not None else None
-    table = setup.costs if setup.costs is not None else cost_table(setup.target, draft, fast=setup.fast)
-    chosen = plan(table, len(setup.prompt), setup.max_new_tokens, acceptance=AUTO_ACCEPTANCE, base=setup.config,
+    if setup.costs is None:
+        raise InvalidArgumentError("method 'auto' plans from a cost table: give Setup.costs (generate reads it)")
+    chosen = plan(setup.costs, len(setup.prompt), setup.max_new_tokens, acceptance=AUTO_ACCEPTANCE, base=setup.config,
                   has_draft=draft is not None)
     arms: dict[str, Proposer] = {"vanilla": NullProposer(),
                                  "prompt_lookup": PromptLookupProposer(chosen.lookup_gamma, setup.config.max_ngram)}
@@ -136,6 +139,6 @@ register(Method("prompt_lookup", lambda setup: PromptLookupProposer(setup.config
                 summary="n-grams of the context"))
 register(Method("ouroboros", _ouroboros, needs_draft=True,
                 summary="draft model with phrase drafting, branches and phrase harvesting"))
-register(Method("auto", _auto, uses_draft=True,
+register(Method("auto", _auto, uses_draft=True, needs_costs=True,
                 summary="picks and switches among the above per step from measured costs, plain decoding where "
                         "speculation does not pay"))

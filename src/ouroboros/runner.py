@@ -40,6 +40,8 @@ class ForwardRecord:
     """Wall time of the forward (on CUDA, up to the verification that reads its logits)."""
     started: float
     """`time.perf_counter()` when it began, to order the forwards of both models."""
+    compiled: bool = False
+    """It compiled a graph first (the fast path's first forward of a shape): `seconds` includes that."""
 
 
 def _cache_argument(model) -> str:
@@ -119,22 +121,24 @@ class ForwardLog:
         self.role = role
         self.device = next(model.parameters()).device
         self.log: list[ForwardRecord] = []
-        self._started: tuple[float, int, int] | None = None
+        self._started: tuple[float, int, int, bool] | None = None
+        self.compile_seconds = 0.0
+        """Seconds of the forwards that compiled a graph first (the compile and that forward)."""
 
     @property
     def forwards(self) -> int:
         return len(self.log) + (self._started is not None)
 
-    def _logged(self, start: float, fed: int, cached: int) -> None:
+    def _logged(self, start: float, fed: int, cached: int, compiled: bool = False) -> None:
         if self.device.type == "cuda":
-            self._started = (start, fed, cached)
+            self._started = (start, fed, cached, compiled)
         else:
-            self.log.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start))
+            self.log.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start, compiled))
 
     def _log_pending(self) -> None:
         if self._started is not None:
-            start, fed, cached = self._started
-            self.log.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start))
+            start, fed, cached, compiled = self._started
+            self.log.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start, compiled))
             self._started = None
 
 

@@ -86,6 +86,7 @@ class StaticRunner(ForwardLog):
         """Token ids whose keys and values are in the cache, in order."""
         self._last: tuple[int, list[int]] | None = None
         self._release = None
+        self._compiled_now = False
 
     def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
         """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
@@ -116,7 +117,10 @@ class StaticRunner(ForwardLog):
         self._last = (p, fed)
         # CUDA graphs reuse their output buffers: copy out (in float32 that is not otherwise a copy)
         logits = logits.to(torch.float32, copy=self._compiled() and self.device.type == "cuda")
-        self._logged(start, q, past)
+        self._logged(start, q, past, compiled=self._compiled_now)
+        if self._compiled_now:
+            self.compile_seconds += time.perf_counter() - start
+            self._compiled_now = False
         return logits
 
     def keep(self, path: Sequence[int]) -> None:
@@ -165,6 +169,7 @@ class StaticRunner(ForwardLog):
             return self.model(**inputs)
         if key not in seen:
             seen.add(key)
+            self._compiled_now = True
             if self.progress:
                 print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         return out
