@@ -24,9 +24,11 @@ from .errors import InvalidArgumentError, OuroborosError
 from .methods import METHODS, get_method
 
 GENERATE_DESCRIPTION = """Generate text from a prompt, streamed to stdout, then a one-line speed summary on stderr
-(tokens/s, tokens per target forward). The output is exactly the target's own greedy (or sampled)
-decoding, whatever the method; only the speed differs, and it depends on the machine: `ouroboros
-tune` and `ouroboros bench` measure yours. Ctrl-C stops the stream and prints the summary so far."""
+(tokens/s, tokens per target forward). The output is the target's own greedy (or sampled) decoding,
+whatever the method: exactly in float32; in bfloat16 (the default) it may differ where the target's
+two best logits tie or nearly tie, as HF's own assisted generation does. The speed depends on the
+machine: `ouroboros tune` and `ouroboros bench` measure yours. Ctrl-C stops the stream and prints
+the summary so far."""
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
