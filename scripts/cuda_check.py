@@ -1,16 +1,21 @@
 """Device check: every method is exact on CUDA (fp32 tiny models), also with the draft on another
-device, and seeded sampling is reproducible. Run: PYTHONPATH=src:tests python scripts/cuda_check.py"""
+device, and seeded sampling is reproducible. Run: python scripts/cuda_check.py"""
 
+import argparse
 import sys
+from pathlib import Path
 
 import torch
 import transformers
-from tiny_models import perturbed, tiny_model
 
 from ouroboros import METHODS, generate
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models lives with the tests
+    from tiny_models import perturbed, tiny_model
+
     assert torch.cuda.is_available(), "no CUDA device"
     print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())
     failures = 0

@@ -1,13 +1,16 @@
 """Device check for `ouroboros tune`: forward costs of models shaped like the built-in pair (random
 weights, bf16) on CUDA, the sizes the cost model picks from them, and a generation with those sizes
-that must equal HF greedy on a tiny fp32 pair. Run: PYTHONPATH=src:tests python scripts/cuda_sizing.py
+that must equal HF greedy on a tiny fp32 pair. Run: python scripts/cuda_sizing.py
 
 Random weights make the draft's acceptance meaningless, so it is set (0.9, the real pair's draft
 agrees with its target on ~94% of HumanEval tokens); the costs do not depend on the weights."""
 
+import argparse
+import sys
+from pathlib import Path
+
 import torch
 import transformers
-from tiny_models import perturbed, tiny_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ouroboros import OuroborosConfig, generate
@@ -26,6 +29,10 @@ def shaped_model(shape: dict):
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models lives with the tests
+    from tiny_models import perturbed, tiny_model
+
     print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())
     tokens = (1, 2, 4, 8, 16, 32, 64)
     curves = {role: measure(shaped_model(shape), tokens=tokens, repeats=5) for role, shape in SHAPES.items()}

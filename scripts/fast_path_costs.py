@@ -42,7 +42,7 @@ def forward(runner, prefix: list[int], other: int, k: int, vocab: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cached", type=int, default=256)
     parser.add_argument("--ks", default="1,4,16")
     parser.add_argument("--repeats", type=int, default=5)

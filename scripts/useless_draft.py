@@ -7,7 +7,7 @@ target: the built-in draft with the rows of its output layer permuted (issue 10'
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,4 +29,6 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", metavar="OUT_DIR", help="where the useless draft is written")
+    main(parser.parse_args().out)
