@@ -13,6 +13,7 @@ from tiny_models import perturbed, tiny_model
 import ouroboros.generation as generation
 import ouroboros.static_runner as static_runner
 from ouroboros import METHODS, OuroborosConfig, generate
+from ouroboros.methods import get_method
 from ouroboros.runner import ModelRunner
 from ouroboros.static_runner import StaticRunner, make_runner
 from ouroboros.tree import DraftTree
@@ -45,10 +46,20 @@ def test_methods_match_greedy_generate(models, static, method, draft_kind):
     for seed in range(3):
         ids = prompt(seed)
         ref = reference(target, ids, 40)
+        before = len(static)
         out = generate(target, ids, draft=draft, method=method, max_new_tokens=40, eos_token_id=[])
         assert torch.equal(out.sequences, ref), (method, draft_kind, seed)
         assert out.stats.target_forwards == len(out.stats.accept_lengths)
-    assert all(isinstance(runner, StaticRunner) for runner in static)
+        ran_on_static_runners(static[before:], out, target, draft if get_method(method).takes_draft else None)
+
+
+def ran_on_static_runners(made, out, target, draft):
+    """This generation's forwards all went through the static runners it built: one for the target,
+    one for the draft where the method runs it (else a passing test says nothing of the fast path)."""
+    assert [(runner.role, runner.model) for runner in made] == [("target", target)] + (
+        [("draft", draft)] if draft is not None else [])
+    assert made[0].forwards == out.stats.target_forwards > 0
+    assert sum(len(runner.log) for runner in made) == len(out.stats.forward_log)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -59,6 +70,7 @@ def test_eos_and_budget_of_one(models, static, method):
     eos = [free[9], free[4]]
     out = generate(target, ids, draft=draft, method=method, max_new_tokens=30, eos_token_id=eos)
     assert torch.equal(out.sequences, reference(target, ids, 30, eos=eos))
+    ran_on_static_runners(static, out, target, draft if get_method(method).takes_draft else None)
     assert out.finish_reason == "stop"
     one = generate(target, ids, draft=draft, method=method, max_new_tokens=1, eos_token_id=[])
     assert torch.equal(one.sequences, reference(target, ids, 1))
