@@ -1,12 +1,14 @@
 """method="auto": exact whatever it chooses, and it chooses by what each choice is observed to cost."""
 
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny_models import perturbed, tiny_model
 from transformers import LlamaForCausalLM
 
+import ouroboros.proposers.auto as auto_module
+import ouroboros.runner
 from ouroboros import generate
 from ouroboros.costs import CostTable, ModelCosts
 from ouroboros.proposers.auto import PROBE_STEPS
@@ -15,21 +17,54 @@ VOCAB = 61
 PROMPT = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]])
 
 
+class SimulatedClock:
+    """Seconds that pass only when a `Delayed` forward says so: auto's choices then depend on the
+    simulated costs alone, not on how busy the machine running the tests is."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def built_autos(monkeypatch, **kwargs) -> list:
+    """The AutoProposers that generate builds from now on (with `kwargs` added), in a list."""
+    built, real = [], auto_module.AutoProposer
+
+    def make(*args, **more):
+        built.append(real(*args, **kwargs, **more))
+        return built[-1]
+
+    monkeypatch.setattr(auto_module, "AutoProposer", make)
+    return built
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """One simulated clock for auto's step timing (its `clock`) and the runners' forward log."""
+    simulated = SimulatedClock()
+    built_autos(monkeypatch, clock=simulated)
+    monkeypatch.setattr(ouroboros.runner, "time", SimpleNamespace(perf_counter=simulated))
+    return simulated
+
+
 class Delayed(LlamaForCausalLM):
-    """A stock Llama whose every forward first waits `delay` seconds: a slow device, on demand."""
+    """A stock Llama whose every forward takes `delay` simulated seconds: a slow device, on demand."""
 
     delay = 0.0
+    clock: SimulatedClock
 
     def forward(self, *args, cache=None, **kwargs):
-        time.sleep(self.delay)
+        self.clock.now += self.delay
         return super().forward(*args, cache=cache, **kwargs)
 
 
-def delayed(model, delay):
+def delayed(model, delay, clock):
     copy = Delayed(model.config).eval()
     copy.load_state_dict(model.state_dict())
     copy.generation_config.eos_token_id = model.generation_config.eos_token_id
-    copy.delay = delay
+    copy.delay, copy.clock = delay, clock
     return copy
 
 
@@ -62,14 +97,15 @@ def test_auto_equals_greedy_generate(draft_kind):
             out.stats.target_forwards
 
 
-def test_a_draft_slower_than_it_saves_is_dropped_and_output_stays_exact():
+def test_a_draft_slower_than_it_saves_is_dropped_and_output_stays_exact(clock):
     """The plan (from a table that calls the draft cheap) starts with the draft; the draft is in
     fact slow (40 ms a forward against 4 ms for the target), so auto falls back after seeing it."""
-    target = delayed(tiny_model("llama", seed=0, vocab=VOCAB), 0.004)
-    draft = delayed(perturbed(target, scale=0.05), 0.040)
+    target = delayed(tiny_model("llama", seed=0, vocab=VOCAB), 0.004, clock)
+    draft = delayed(perturbed(target, scale=0.05), 0.040, clock)
     optimistic = synthetic(target_one=4, target_slope=0.02, draft_one=0.2)
     out = generate(target, PROMPT, draft=draft, method="auto", max_new_tokens=60, eos_token_id=[], costs=optimistic)
-    assert out.stats.plan.startswith("auto: ouroboros")
+    assert {(r.model, round(r.seconds, 9)) for r in out.stats.forward_log} == {("target", 0.004), ("draft", 0.040)}
+    assert out.stats.plan_start == "ouroboros"
     assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
     events = out.stats.events
     assert events.get("auto_fallbacks", 0) + events.get("auto_switches", 0) >= 1
@@ -79,12 +115,12 @@ def test_a_draft_slower_than_it_saves_is_dropped_and_output_stays_exact():
     assert out.stats.target_forwards - events.get("auto_ouroboros_steps", 0) > events.get("auto_ouroboros_steps", 0)
 
 
-def test_auto_returns_to_the_draft_once_it_pays():
+def test_auto_returns_to_the_draft_once_it_pays(clock):
     """A draft that is slow for its first forwards and then fast (a cold cache, another tenant
     leaving): auto probes it again later and moves back to it."""
     # a model and prompt whose output seldom repeats itself, so context n-grams cannot stand in
-    target = delayed(tiny_model("llama", seed=2, vocab=1000, hidden=64), 0.010)
-    draft = delayed(target, 0.050)  # the target's own weights: every draft is accepted
+    target = delayed(tiny_model("llama", seed=2, vocab=1000, hidden=64), 0.010, clock)
+    draft = delayed(target, 0.050, clock)  # the target's own weights: every draft is accepted
     prompt = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(1))
     forwards = {"n": 0}
 
@@ -113,15 +149,20 @@ def test_where_extra_tokens_cost_full_price_auto_plans_plain_decoding_and_never_
     assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
 
 
-def test_a_draft_predicted_slower_than_plain_decoding_is_never_tried():
+def test_a_draft_predicted_slower_than_plain_decoding_is_never_tried(monkeypatch):
     """Costs like this host's held to AVX2 (two tokens cost 1.6x one, the draft 0.36 of the target):
     the plan puts the draft at 0.89x plain decoding, near enough that patience alone would probe it
     after two steps; but a draft that has not run is tried only where it is predicted to pay, so
     neither its prefill nor a probe is spent."""
+    autos = built_autos(monkeypatch)
     target = tiny_model("llama", seed=0, vocab=VOCAB)
     out = generate(target, PROMPT, draft=perturbed(target, scale=0.02), method="auto", max_new_tokens=60,
                    eos_token_id=[], costs=synthetic(target_one=100, target_slope=60, draft_one=36))
-    assert out.stats.plan.startswith("auto: vanilla") and "0.89x" in out.stats.plan
+    rates = {arm: estimate.rate for arm, estimate in autos[0].plan.estimates.items()}
+    assert autos[0].plan.start == out.stats.plan_start == "vanilla"
+    assert rates["ouroboros"] / rates["vanilla"] == pytest.approx(0.89, abs=0.005)
+    assert type(autos[0])._first_patience(rates["vanilla"], rates["ouroboros"]) <= 2
+    assert "plain decoding" in out.stats.plan
     assert out.stats.draft_forwards == 0 and out.stats.events.get("auto_probes", 0) == 0
     assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
 
