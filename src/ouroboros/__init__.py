@@ -1,4 +1,5 @@
-"""ouroboros-decoding: lossless phrase-level speculative decoding for Hugging Face causal LMs."""
+"""ouroboros-decoding: phrase-level speculative decoding for Hugging Face causal LMs, whose output is
+the target's own (exact in float32)."""
 
 from .config import OuroborosConfig
 from .errors import (

@@ -74,7 +74,7 @@ def hardware(device: torch.device) -> str:
     """What runs the forwards: the GPU's name, or the CPU's model and the instruction set torch uses.
 
     The instruction set is part of it because it sets the price of a many-token forward (bf16 over 16
-    tokens: ~1.2x one token with AVX-512-bf16, ~9x with AVX2), and a cap on it
+    tokens: ~1.1x one token with AVX-512-bf16 compiled, 8.6x with AVX2, in BENCHMARKS.md), and a cap on it
     (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``) changes the price on the same chip.
     """
     if device.type == "cuda":
