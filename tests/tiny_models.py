@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -24,6 +25,48 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 97, layers: int 
                         eos_token_id=eos_token_id, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
     model = model_cls(config).eval()
     model.generation_config.eos_token_id = eos_token_id
+    return model
+
+
+FAMILIES = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "query_pre_attn_scalar": 8}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "query_pre_attn_scalar": 8}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+}
+"""Families users bring: (config class, model class, extra config fields) in `transformers`."""
+
+
+def tiny_family_model(family: str, seed: int = 0, vocab: int = 97, window: int | None = None, layers: int = 2,
+                      hidden: int = 32):
+    """A random fp32 model of `family` (a FAMILIES key); with `window`, its sliding-window layers
+    attend to that many positions: every layer for Mistral and Phi-3, the first of two layers for
+    Gemma 2/3 (the second is full attention), the second for Qwen2/3 (use_sliding_window). Without
+    it, Mistral and Phi-3 have none and Gemma keeps its default (4096, more than the tests use)."""
+    config_name, model_name, extra = FAMILIES[family]
+    fields = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None, tie_word_embeddings=False, **extra)
+    if family != "gpt_neox":
+        fields["num_key_value_heads"] = 2
+    if window is not None:
+        fields["sliding_window"] = window
+        if family in ("gemma2", "gemma3"):
+            fields["layer_types"] = ["sliding_attention", "full_attention"] * (layers // 2)
+        elif family in ("qwen2", "qwen3"):
+            fields.update(use_sliding_window=True, max_window_layers=layers // 2)
+        elif family not in ("mistral", "phi3"):
+            raise ValueError(f"{family} has no sliding-window layers")
+    elif family in ("mistral", "phi3"):
+        fields["sliding_window"] = None
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**fields)).eval()
+    model.generation_config.eos_token_id = None
     return model
 
 

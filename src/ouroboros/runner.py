@@ -2,6 +2,10 @@
 
 It feeds the pending tokens (known, not yet cached) plus a draft tree in one forward with explicit
 positions and a 4-D mask, then keeps only the pending tokens and the accepted path in the cache.
+
+Sliding-window layers (Gemma 2/3, Mistral, Qwen2 with use_sliding_window) keep every key in the cache,
+as full layers do (a cache that drops keys past the window could not be rewound), and get their window
+from the mask: one mask per layer type, each the tree mask cut to the window's band.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ from .tree import DraftTree
 _TREE_ATTENTION_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 __all__ = ["ForwardLog", "ForwardRecord", "ModelRunner", "UnsupportedModelError", "additive_mask",
-           "check_tree_attention", "common_prefix", "decode_step", "move_accepted", "text_config", "tree_inputs"]
+           "attention_masks", "attention_windows", "check_tree_attention", "common_prefix", "decode_step",
+           "move_accepted", "text_config", "tree_inputs"]
+
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
+"""Layer types whose attention the runners reproduce with a 4-D mask."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,8 @@ def check_tree_attention(model) -> None:
         raise UnsupportedModelError(
             f"{name} uses attn_implementation={impl!r}, which ignores a custom 4-D mask; "
             "load it with attn_implementation='sdpa' or 'eager'")
-    decoder = text_config(model)
-    if "sliding_attention" in (getattr(decoder, "layer_types", None) or ()) or getattr(
-            decoder, "use_sliding_window", False):
-        raise UnsupportedModelError(f"{name} uses sliding-window attention, which tree verification does not support")
-    vocab = int(decoder.vocab_size)
+    attention_windows(model)
+    vocab = int(text_config(model).vocab_size)
     a, b, c = 1 % vocab, 2 % vocab, 3 % vocab
     try:
         with torch.inference_mode():
@@ -95,12 +100,35 @@ def check_tree_attention(model) -> None:
 
 def _probe(model, tokens, positions, allowed) -> torch.Tensor:
     runner = ModelRunner(model)
-    mask = additive_mask(allowed, 0, runner.dtype, runner.device)
+    pos = torch.tensor(positions)
+    mask = attention_masks(runner.windows, allowed, pos, 0, runner.dtype, runner.device)
     ids = torch.tensor([tokens], device=runner.device)
-    pos = torch.tensor([positions], device=runner.device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos[None].to(runner.device), use_cache=True,
                 **{runner.cache_argument: runner.cache})
     return out.logits[0].float()
+
+
+def attention_windows(model) -> dict[str | None, int | None]:
+    """Each attention layer type's sliding window (None: full attention), read from the config as
+    transformers' own masks read it: `layer_types` names each layer's type, else `sliding_window`
+    applies to every layer (Mistral, Phi-3). The key None stands for every layer.
+
+    Raises UnsupportedModelError, naming it, for attention a 4-D mask cannot reproduce here."""
+    name = type(model).__name__
+    config = text_config(model)
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(f"{name} uses bidirectional attention: it is not a causal LM")
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        other = sorted(set(types) - set(MASKED_LAYER_TYPES))
+        if other:
+            raise UnsupportedModelError(f"{name} has {', '.join(other)} layers; tree verification supports only "
+                                        f"{' and '.join(MASKED_LAYER_TYPES)} layers")
+        return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(types)}
+    if getattr(config, "attention_chunk_size", None) is not None:
+        raise UnsupportedModelError(f"{name} uses chunked attention, which tree verification does not support")
+    return {None: window}
 
 
 def decode_step(runner: ModelRunner, tokens: Sequence[int], tree: DraftTree, verify=greedy_verify) -> StepResult:
@@ -151,7 +179,9 @@ class ModelRunner(ForwardLog):
         self.model = model
         self.dtype = next(model.parameters()).dtype
         self.cache_argument = _cache_argument(model)
+        self.windows = attention_windows(model)
         self.cache = DynamicCache()
+        """Full layers only (no config): sliding layers' keys stay too, the mask applies the window."""
         self.tokens: list[int] = []
         """Token ids whose keys and values are in the cache, in order."""
         self._last: tuple[int, list[int]] | None = None
@@ -165,7 +195,7 @@ class ModelRunner(ForwardLog):
         start = time.perf_counter()
         out = self.model(
             input_ids=ids,
-            attention_mask=additive_mask(allowed, past, self.dtype, self.device),
+            attention_mask=attention_masks(self.windows, allowed, positions, past, self.dtype, self.device),
             position_ids=positions[None].to(self.device),
             use_cache=True,
             logits_to_keep=tree.total + 1,
@@ -219,17 +249,37 @@ def tree_inputs(pending: Sequence[int], tree: DraftTree, past: int) -> tuple[lis
     return list(pending) + node_tokens, positions, allowed
 
 
-def additive_mask(allowed: torch.Tensor, past: int, dtype: torch.dtype, device, width: int | None = None
-                  ) -> torch.Tensor:
+def additive_mask(allowed: torch.Tensor, past: int, dtype: torch.dtype, device, width: int | None = None,
+                  positions: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """[1, 1, q, width] mask in `dtype`: the `past` cached slots are visible, the next q slots as
     `allowed` [q, q] says, and any slot after them (a static cache's unused or stale slots) is
-    hidden. Hidden is dtype-min, not -inf, so that a row seeing nothing still gives finite values."""
+    hidden. Hidden is dtype-min, not -inf, so that a row seeing nothing still gives finite values.
+
+    With a sliding `window`, a query at position p sees only keys at positions > p - window (as
+    transformers' sliding masks): `positions` [q] are the fed tokens', a cached slot's is its index."""
     q = allowed.shape[0]
     width = past + q if width is None else width
-    mask = torch.full((q, width), torch.finfo(dtype).min, dtype=dtype, device=device)
-    mask[:, :past] = 0
-    mask[:, past:past + q].masked_fill_(allowed.to(device), 0)
+    visible = torch.zeros(q, width, dtype=torch.bool)
+    visible[:, :past] = True
+    visible[:, past:past + q] = allowed
+    if window is not None:
+        keys = torch.cat([torch.arange(past), positions, positions.new_zeros(width - past - q)])
+        visible &= keys[None, :] > positions[:, None] - window
+    mask = torch.zeros(q, width, dtype=dtype, device=device)
+    mask.masked_fill_(~visible.to(device), torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def attention_masks(windows: dict[str | None, int | None], allowed: torch.Tensor, positions: torch.Tensor, past: int,
+                    dtype: torch.dtype, device, width: int | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The forward's `attention_mask` for layer types with `windows` (see `attention_windows`): one
+    `additive_mask` when every layer sees the same, else a dict keyed by layer type, which
+    transformers' hybrid models (Gemma 2/3) take in place of the masks they would build."""
+    masks = {window: additive_mask(allowed, past, dtype, device, width, positions, window)
+             for window in set(windows.values())}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return {kind: masks[window] for kind, window in windows.items()}
 
 
 def move_accepted(cache, base: int, path: Sequence[int]) -> None:

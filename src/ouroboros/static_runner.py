@@ -19,6 +19,7 @@ buffers are marked static with an identity guard, so other buffers get their own
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import threading
@@ -36,7 +37,8 @@ from .runner import (
     ForwardLog,
     ModelRunner,
     _cache_argument,
-    additive_mask,
+    attention_masks,
+    attention_windows,
     move_accepted,
     reusable_prefix,
     tree_inputs,
@@ -74,6 +76,7 @@ class StaticRunner(ForwardLog):
         self.model = model
         self.dtype = next(model.parameters()).dtype
         self.cache_argument = _cache_argument(model)
+        self.windows = attention_windows(model)
         self.compile = compile
         self.dynamic = compile and self.device.type == "cpu"
         """One graph for all buckets (dynamic new-token count, at least 2): one packed weight copy."""
@@ -105,8 +108,8 @@ class StaticRunner(ForwardLog):
             allowed = torch.block_diag(allowed, torch.eye(pad, dtype=torch.bool))
         for layer in self.cache.layers:  # the model writes its new keys and values from here
             layer.cumulative_length.fill_(past)
-        inputs = dict(input_ids=ids[None], attention_mask=additive_mask(allowed, past, self.dtype, self.device,
-                                                                        width=self.capacity),
+        inputs = dict(input_ids=ids[None], attention_mask=attention_masks(self.windows, allowed, positions, past,
+                                                                          self.dtype, self.device, width=self.capacity),
                       position_ids=positions[None].to(self.device), use_cache=True,
                       **{self.cache_argument: self.cache})
         if bucket is None:  # a long eager forward (a prompt): no logits for the pending tokens before the root
@@ -203,12 +206,24 @@ def check_static_support(model) -> None:
     name = type(model).__name__
     config = text_config(model)
     try:
-        cache = StaticCache(config=model.config, max_cache_len=1)
+        cache = StaticCache(config=cache_config(model), max_cache_len=1)
     except Exception as exc:  # the config has no static cache layout
         raise UnsupportedModelError(f"{name} has no static KV cache layout: {exc}") from exc
     if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
         raise UnsupportedModelError(f"{name} needs cache layers other than full attention ({config.model_type})")
     _cache_argument(model)
+
+
+def cache_config(model):
+    """The config the static cache is laid out from: sliding-window layers as full ones, since a static
+    sliding layer keeps only the last `window` keys in a ring, which rewinding cannot crop (the mask
+    applies the window, as on the eager runner)."""
+    if all(window is None for window in attention_windows(model).values()):
+        return model.config
+    config = copy.copy(text_config(model))
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    config.sliding_window = None
+    return config
 
 
 def compile_blocker(model) -> str | None:
@@ -297,8 +312,10 @@ def _call_compiled(model, device_type: str, inputs: dict, dynamic: tuple[int, in
             _COMPILED[key] = torch.compile(type(model).forward, dynamic=False, mode=mode)
     if dynamic is not None:
         low, high = dynamic
-        for name, dim in (("input_ids", 1), ("position_ids", 1), ("attention_mask", 2)):
-            torch._dynamo.mark_dynamic(inputs[name], dim, min=low, max=high)
+        masks = inputs["attention_mask"]  # one mask, or one per layer type
+        for tensor, dim in ((inputs["input_ids"], 1), (inputs["position_ids"], 1),
+                            *((mask, 2) for mask in (masks.values() if isinstance(masks, dict) else [masks]))):
+            torch._dynamo.mark_dynamic(tensor, dim, min=low, max=high)
     if device_type == "cuda":
         return _COMPILED[key](model, **inputs)
     with torch._inductor.config.patch(freezing=True):
@@ -317,7 +334,7 @@ def _acquire(model, capacity: int) -> StaticCache:
         free = _FREE.setdefault(model, {}).get(capacity)
         if free:
             return free.pop()
-    return StaticCache(config=model.config, max_cache_len=capacity)
+    return StaticCache(config=cache_config(model), max_cache_len=capacity)
 
 
 def _give_back(model, capacity: int, cache: StaticCache) -> None:
