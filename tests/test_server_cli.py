@@ -79,12 +79,15 @@ def test_cli_banner_says_where_what_and_how(pair_dirs):
             "--log-level", "warning"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         try:
-            banner = "".join(process.stdout.readline() for _ in range(5))
+            banner = "".join(process.stdout.readline() for _ in range(6))
             assert banner.startswith("ouroboros serve: http://127.0.0.1:"), banner
             assert "model id: target" in banner and "method:   speculative" in banner
             assert "API key:  required" in banner and "up to 5 waiting" in banner
+            assert "warm-up:  one short generation first" in banner  # float32: no fast path to compile
             url = banner.split()[2].removesuffix("/v1")
-            assert httpx.get(url + "/health", timeout=30).status_code == 200  # bound before the banner: no retry
+            health = httpx.get(url + "/health", timeout=30)  # bound before the banner: no retry
+            assert health.status_code == 200 or health.json()["status"] == "warming up"
+            wait_for(lambda: httpx.get(url + "/health", timeout=5).status_code == 200)
             assert [m.id for m in client(url, api_key="k3y").models.list().data] == ["target"]
         finally:
             process.send_signal(signal.SIGINT)  # as Ctrl-C: stops the server whatever the test found
@@ -94,6 +97,7 @@ def test_cli_banner_says_where_what_and_how(pair_dirs):
                 process.kill()
                 raise
     assert process.returncode == 0, err
+    assert "ouroboros serve: ready (warm-up took" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -120,7 +120,7 @@ def test_a_full_queue_answers_503_with_retry_after(server_pair, monkeypatch):
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(server_worker, "generate", gated)
-    with serving(create_app(target, draft, TOKENIZER, model_name=MODEL, max_queue=2)) as url, \
+    with serving(create_app(target, draft, TOKENIZER, model_name=MODEL, max_queue=2, warm_up=False)) as url, \
             ThreadPoolExecutor(3) as pool:
         def post(max_tokens: int):
             return pool.submit(httpx.post, url + "/v1/completions", json={**OK, "max_tokens": max_tokens}, timeout=60)

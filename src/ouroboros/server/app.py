@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,11 +82,14 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                pool_mode: str = "shared", pool_file: str | os.PathLike | None = None,
                pool_save_interval: float = 300.0, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               max_queue: int = DEFAULT_MAX_QUEUE, fast: bool | None = None) -> FastAPI:
+               max_queue: int = DEFAULT_MAX_QUEUE, fast: bool | None = None, warm_up: bool = True,
+               on_ready: Callable[[float], None] | None = None) -> FastAPI:
     """The FastAPI app serving `target` (with `draft`); `method` defaults to `ouroboros serve`'s, so
     an app built in Python serves what the command does. Raises the package's errors (ValueError
     subclasses) for bad settings or an unusable pool file, before anything is served. The worker
-    starts and stops with the app's lifespan."""
+    starts and stops with the app's lifespan; with `warm_up` it first runs one short generation
+    (compiling the fast path), /health answering 503 "warming up" until then, and calls
+    `on_ready(seconds)` when done. Requests that come meanwhile wait in the queue."""
     config = OuroborosConfig() if config is None else config
     spec = get_method(method)
     if pool_mode not in POOL_MODES:
@@ -120,7 +124,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
     engine = Engine(target, draft, tokenizer, method=method, config=config, pool=pool, costs=costs, fast=fast,
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
-                    save_interval=pool_save_interval, max_queue=max_queue)
+                    save_interval=pool_save_interval, max_queue=max_queue, warm_up=warm_up, on_ready=on_ready)
     limits = [limit for limit in map(context_length, [target, draft] if uses_draft else [target])
               if limit is not None]
     settings = _Settings(name, api_key.encode() if api_key is not None else None, max_body_bytes,
@@ -143,6 +147,10 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
     async def health() -> Response:
         if not engine.alive():
             return _json_response({"status": "error", "detail": "the generation worker is not running"}, 503)
+        if not engine.ready.is_set():
+            return _json_response({"status": "warming up", "detail": "one generation runs before the first request "
+                                   "(compiling the fast path); requests sent now wait for it"}, 503,
+                                  headers={"Retry-After": "5"})
         return _json_response({"status": "ok"})
 
     @app.get("/metrics", dependencies=authorized)

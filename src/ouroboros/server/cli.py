@@ -20,6 +20,7 @@ from ..arguments import (
 )
 from ..errors import InvalidArgumentError
 from ..methods import METHODS, get_method
+from ..static_runner import fast_path_blocker
 from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, POOL_MODES, create_app
 
 API_KEY_ENV = "OUROBOROS_API_KEY"
@@ -74,10 +75,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(target, draft, tokenizer, config=config, method=args.method, pool_mode=args.pool_mode,
                      pool_file=args.pool_file, pool_save_interval=args.pool_save_interval, api_key=api_key,
                      model_name=args.model_name, default_max_tokens=args.default_max_tokens,
-                     max_queue=args.max_queue, fast=fast_from_args(args))
+                     max_queue=args.max_queue, fast=fast_from_args(args), on_ready=_say_ready)
     sock = _listen(args.host, args.port)
+    compiles = fast_path_blocker(target, fast_from_args(args)) is None
     print(banner(f"http://{_url_host(args.host)}:{sock.getsockname()[1]}", app.state.model_name, args.method,
-                 api_key is not None, args.max_queue), flush=True)
+                 api_key is not None, args.max_queue, compiles), flush=True)
     if api_key is None and args.host not in LOCAL_HOSTS:
         print(f"ouroboros serve: warning: listening on {args.host} without an API key: anyone who can reach "
               f"this port can use the models (set {API_KEY_ENV} or --api-key)", file=sys.stderr)
@@ -94,16 +96,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def banner(url: str, model: str, method: str, key_required: bool, max_queue: int) -> str:
-    """What a user needs to connect: where, which model id to send, how it decodes, whether a key is needed."""
+def banner(url: str, model: str, method: str, key_required: bool, max_queue: int, compiles: bool = False) -> str:
+    """What a user needs to connect: where, which model id to send, how it decodes, whether a key is
+    needed, and that a warm-up runs first."""
     key = f"required (Authorization: Bearer ..., from --api-key or ${API_KEY_ENV})" if key_required else "none"
+    warm_up = ("one generation compiles the fast path first (a minute or two on a small CPU)" if compiles
+               else "one short generation first")
     return "\n".join([
         f"ouroboros serve: {url}/v1  (OpenAI-compatible; /health, /metrics)",
         f"  model id: {model}",
         f"  method:   {method}",
         f"  API key:  {key}",
         f"  queue:    1 running + up to {max_queue} waiting, then 503 with Retry-After",
+        f"  warm-up:  {warm_up}; /health answers 503 \"warming up\" until ready, requests wait",
     ])
+
+
+def _say_ready(seconds: float) -> None:
+    print(f"ouroboros serve: ready (warm-up took {seconds:.1f} s)", file=sys.stderr, flush=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
