@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import perturbed, tiny_model
 
-import ouroboros.generation as generation
+import ouroboros.request as request
 from ouroboros import METHODS, OuroborosConfig, PhrasePool, generate
 from ouroboros.acceptance import Sampler, _walk
 
@@ -154,11 +154,11 @@ def test_a_biased_verifier_is_caught(pair, monkeypatch):
                 return int(torch.multinomial(probs, 1, generator=self.generator))
             return _walk(tree, choose, logits.argmax(dim=-1).tolist())
 
-    real = generation.Sampler
-    monkeypatch.setattr(generation, "Sampler", Biased)
+    real = request.Sampler
+    monkeypatch.setattr(request, "Sampler", Biased)
     table = exact_distribution(target, SETTINGS["t1"])
     counts, _ = draw(target, draft, "ouroboros", SETTINGS["t1"])
-    monkeypatch.setattr(generation, "Sampler", real)
+    monkeypatch.setattr(request, "Sampler", real)
     assert chi_square_p_value(counts, table, DRAWS) < ALPHA
 
 

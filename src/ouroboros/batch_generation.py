@@ -1,0 +1,233 @@
+"""Batched generation: several prompts at once, each row exactly its own solo `generate`.
+
+Every row keeps its own proposer, context, budget, EOS and stop rule; one target forward per step
+verifies every active row's tree (`BatchRunner`), and a finished row leaves the batch. In this first
+version the draft model runs per row (each row its own eager `ModelRunner`), the target runner is the
+eager one, and `method="auto"` is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .batch_runner import BatchRunner
+from .config import OuroborosConfig
+from .errors import InvalidArgumentError, InvalidTypeError
+from .methods import Setup, get_method
+from .model_facts import eos_token_ids
+from .pool import PhrasePool
+from .proposers import Context, Proposal, Proposer
+from .request import GenerationStats, emit, make_verifier, validate
+from .runner import ModelRunner
+
+__all__ = ["BatchGenerationOutput", "generate_batch", "is_batch"]
+
+
+@dataclass
+class BatchGenerationOutput:
+    sequences: torch.LongTensor
+    """[rows, length] as transformers' batched generate: each row its prompt as given (left padding
+    included) then its new tokens, then `pad_token_id` up to the longest row."""
+    stats: list[GenerationStats]
+    """Per row: its steps, tokens, events, its draft's forwards and the target forwards it took part in
+    (each batched target forward counts once in every row it verified)."""
+    finish_reasons: list[str] = field(default_factory=list)
+    """Per row: "stop" (EOS or the stopping callback) or "length" (max_new_tokens reached)."""
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt: list[int]
+    context: Context
+    proposer: Proposer
+    verify: Callable
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    finish: str = "length"
+
+
+def is_batch(input_ids, attention_mask=None) -> bool:
+    """Whether `generate` got a batch: a list of prompts, input_ids with more than one row, or an
+    attention_mask."""
+    if attention_mask is not None:
+        return True
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and input_ids.shape[0] > 1
+    return isinstance(input_ids, (list, tuple)) and bool(input_ids) and all(
+        isinstance(row, (list, tuple, torch.Tensor)) for row in input_ids)
+
+
+def generate_batch(
+    target,
+    prompts,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    draft=None,
+    method: str = "ouroboros",
+    max_new_tokens: int = 128,
+    eos_token_id: int | Sequence[int] | None = None,
+    config: OuroborosConfig | None = None,
+    pool: PhrasePool | None = None,
+    stopping: Callable[[list[int]], bool] | None = None,
+    pad_token_id: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    streamer=None,
+    generator: torch.Generator | None = None,
+    costs=None,
+    fast: bool | None = None,
+) -> BatchGenerationOutput:
+    """Generate for every row of `prompts`; row i of the output is exactly `generate` on row i alone.
+
+    `prompts` is a list of token-id lists (or 1-D tensors) of any lengths, or input_ids [rows, length]
+    with `attention_mask` [rows, length] marking left padding with zeros (as transformers' batched
+    generate takes them). `pool=None` gives every row its own fresh phrase pool (cold, as a solo call);
+    a given pool is shared by all rows and learns from all of them, which changes speed, never a
+    row's tokens. Sampling: row i draws from its own generator seeded with `seed + i` (so a row's
+    output equals `generate(row, seed=seed + i)`), or an unseeded one when `seed` is None.
+    `stopping(new_tokens)` is called per row. `pad_token_id` fills rows after their end (default:
+    the target's generation_config pad id, else its first EOS id). `streamer`, `generator`, `costs`
+    and `fast=True` are single-stream options and are refused here.
+    """
+    config = OuroborosConfig() if config is None else config
+    spec = get_method(method)
+    _refuse_single_stream_options(spec.name, streamer, generator, costs, fast)
+    given, prompt_lists = _rows(prompts, attention_mask)
+    for prompt in prompt_lists:
+        validate(target, torch.tensor([prompt]), draft, method, max_new_tokens, config, pool)
+    eos_ids = eos_token_ids(target, eos_token_id)
+    eos = set(eos_ids)
+    pad = _pad_id(target, pad_token_id, eos_ids)
+    start = time.perf_counter()
+    rows: dict[int, _Row] = {}
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompt_lists):
+            row_pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
+            draft_runner = ModelRunner(draft, role="draft") if spec.takes_draft and draft is not None else None
+            proposer = spec.build(Setup(list(prompt), config, row_pool, draft_runner, target, max_new_tokens, None,
+                                        False))
+            verify = make_verifier(do_sample, temperature, top_k, top_p, min_p,
+                                   None if seed is None else seed + i, None)
+            rows[i] = _Row(i, prompt, Context(list(prompt), max_new_tokens), proposer, verify)
+        runner = BatchRunner(target, list(rows))
+        active = list(rows)
+        while active:
+            proposals = {i: rows[i].proposer.propose(rows[i].context) for i in active}
+            logits = runner.forward({i: (runner.rewind(i, rows[i].context.tokens), proposals[i].tree)
+                                     for i in active})
+            finished = [i for i in active if _step(rows[i], proposals[i], logits[i], runner, eos, stopping, start)]
+            if finished:
+                runner.drop(finished)
+                active = [i for i in active if i not in finished]
+    for row in rows.values():
+        steps = row.stats.target_forwards = len(row.stats.accept_lengths)
+        draft_log = row.proposer.draft_runner.log if row.proposer.draft_runner is not None else []
+        row.stats.draft_forwards = len(draft_log)
+        row.stats.forward_log = sorted(runner.log[:steps] + draft_log, key=lambda record: record.started)
+        row.stats.events = dict(row.proposer.events)
+        row.stats.new_tokens = len(row.context.tokens) - len(row.prompt)
+    new = [row.context.tokens[len(row.prompt):] for row in rows.values()]
+    return BatchGenerationOutput(_sequences(given, prompt_lists, new, pad), [row.stats for row in rows.values()],
+                                 [row.finish for row in rows.values()])
+
+
+def _step(row: _Row, proposal: Proposal, logits: torch.Tensor, runner: BatchRunner, eos: set[int], stopping,
+          start: float) -> bool:
+    """Verify one row's tree on its logits [1 + tree.total, vocab], keep, learn and emit, as one step
+    of `generate`; True when the row is finished."""
+    result = row.verify(proposal.tree, logits)
+    runner.keep(row.index, result.path)
+    context = row.context
+    row.proposer.learn(context, proposal, result)
+    emitted, ended = emit(context, result, eos)
+    row.stats.accept_lengths.append(len(emitted))
+    if ended or (stopping is not None and stopping(context.tokens[len(row.prompt):])):
+        row.finish = "stop"
+    done = row.finish == "stop" or context.remaining <= 0
+    if done:
+        row.stats.wall_time = time.perf_counter() - start
+    return done
+
+
+def _refuse_single_stream_options(method: str, streamer, generator, costs, fast) -> None:
+    if method == "auto":
+        raise InvalidArgumentError("method 'auto' does not batch yet: pick a method, or call generate once per row")
+    for name, value in (("streamer", streamer), ("generator", generator), ("costs", costs)):
+        if value is not None:
+            raise InvalidArgumentError(f"{name} is a single-stream option: batched generation does not take it"
+                                       + (" (give seed: row i samples with seed + i)" if name == "generator" else ""))
+    if fast:
+        raise InvalidArgumentError("batched generation runs on the eager runner: fast=True is single-stream only")
+
+
+def _rows(prompts, attention_mask) -> tuple[torch.Tensor | None, list[list[int]]]:
+    """(input_ids as given when a tensor, else None; each row's prompt without its padding)."""
+    if not isinstance(prompts, torch.Tensor):
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidTypeError("prompts must be a non-empty list of token-id lists or input_ids [rows, length], "
+                                   f"got {type(prompts).__name__}")
+        if attention_mask is not None:
+            raise InvalidArgumentError("attention_mask goes with input_ids [rows, length], not with a list of prompts")
+        rows = []
+        for i, row in enumerate(prompts):
+            row = row.reshape(-1).tolist() if isinstance(row, torch.Tensor) else list(row)
+            if not row:
+                raise InvalidArgumentError(f"prompt {i} is empty: give at least one token per row")
+            if not all(isinstance(token, int) and not isinstance(token, bool) for token in row):
+                raise InvalidTypeError(f"prompt {i} must hold integer token ids")
+            rows.append(row)
+        return None, rows
+    if prompts.dim() != 2:
+        raise InvalidArgumentError(f"batched input_ids must have shape [rows, length], got {tuple(prompts.shape)}")
+    if prompts.dtype.is_floating_point or prompts.dtype.is_complex or prompts.dtype == torch.bool:
+        raise InvalidTypeError(f"input_ids must hold integer token ids, got dtype {prompts.dtype}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(prompts)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompts.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise InvalidArgumentError(f"attention_mask must be a tensor of input_ids' shape {tuple(prompts.shape)}, "
+                                   f"got {shape}")
+    mask = attention_mask.cpu().long()  # [rows, length]
+    if ((mask != 0) & (mask != 1)).any():
+        raise InvalidArgumentError("attention_mask must hold only 0 (padding) and 1 (token)")
+    for i in range(mask.shape[0]):
+        if not mask[i].any():
+            raise InvalidArgumentError(f"row {i} of attention_mask is all padding: every row needs a token")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        row = int((mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero()[0])
+        raise InvalidArgumentError(f"attention_mask row {row} has padding after a token: only left padding is "
+                                   "supported (zeros before the tokens, as transformers pads for generation)")
+    ids = prompts.cpu()
+    return prompts, [ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0])]
+
+
+def _pad_id(target, pad_token_id: int | None, eos: list[int]) -> int | None:
+    """The id that fills rows after their end: given, the target's pad id, or its first EOS id."""
+    if pad_token_id is not None:
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise InvalidArgumentError(f"pad_token_id must be an int >= 0, got {pad_token_id!r}")
+        return pad_token_id
+    config_pad = getattr(getattr(target, "generation_config", None), "pad_token_id", None)
+    if isinstance(config_pad, int):
+        return config_pad
+    return eos[0] if eos else None
+
+
+def _sequences(given: torch.Tensor | None, prompts: list[list[int]], new: list[list[int]],
+               pad: int | None) -> torch.Tensor:
+    """[rows, longest] output: each row's prompt (as given) and new tokens, `pad` after its end."""
+    heads = given.tolist() if given is not None else prompts
+    rows = [head + tokens for head, tokens in zip(heads, new)]
+    width = max(len(row) for row in rows)
+    if pad is None and any(len(row) < width for row in rows):
+        raise InvalidArgumentError("rows ended at different lengths and no pad id is known: give pad_token_id")
+    out = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
+    return out.to(given.device) if given is not None else out

@@ -1,0 +1,207 @@
+"""Batched generate: every row is exactly `generate` on that row alone, and HF greedy `generate`
+(fp32 tiny random models); the batch runner's logits are the solo runner's."""
+
+import pytest
+import torch
+from tiny_models import perturbed, tiny_family_model, tiny_model
+
+from ouroboros import METHODS, PhrasePool, generate
+from ouroboros.batch_generation import BatchGenerationOutput, generate_batch
+from ouroboros.batch_runner import BatchRunner
+from ouroboros.errors import InvalidArgumentError
+from ouroboros.runner import ModelRunner
+from ouroboros.tree import DraftTree
+
+VOCAB = 61
+PAD = 0
+LENGTHS = (3, 20, 8, 14)
+BATCHED = [method for method in METHODS if method != "auto"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_model("llama", seed=0, vocab=VOCAB)
+    return {"target": target, "other": tiny_model("llama", seed=7, vocab=VOCAB), "same": target,
+            "perturbed": perturbed(target, scale=0.05)}
+
+
+def prompt(seed, length):
+    """Prompts with repetition, so that prompt lookup and context phrases find matches."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, VOCAB, ((length + 1) // 2,), generator=g).tolist()
+    return (base + base)[:length]
+
+
+PROMPTS = [prompt(seed, length) for seed, length in enumerate(LENGTHS)]
+
+
+def hf_greedy(target, row, max_new_tokens, eos=()):
+    """HF greedy generate on one row alone: its new tokens (stopping after an EOS)."""
+    ids = torch.tensor([row])
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                          eos_token_id=list(eos) or None, pad_token_id=PAD, repetition_penalty=1.0)
+    return out[0, len(row):].tolist()
+
+
+@pytest.fixture(scope="module")
+def eos_case(models):
+    """EOS ids that end row 3 on its first token, row 2 a few steps in, and leave row 1 to its budget."""
+    free = [hf_greedy(models["target"], row, 24) for row in PROMPTS]
+    late = next(token for k, token in enumerate(free[2]) if k >= 3 and token not in free[2][:k] + free[1] + free[3][:1])
+    eos = [free[3][0], late]
+    expected = [hf_greedy(models["target"], row, 24, eos) for row in PROMPTS]
+    assert len(expected[3]) == 1 and len(expected[1]) == 24 and 1 < len(expected[2]) < 24
+    return eos, expected
+
+
+def new_tokens(out: BatchGenerationOutput, row: int, prompt_width: int) -> list[int]:
+    """Row `row`'s new tokens, checking that only padding follows them."""
+    n = out.stats[row].new_tokens
+    tokens = out.sequences[row, prompt_width:].tolist()
+    assert tokens[n:] == [PAD] * (len(tokens) - n)
+    return tokens[:n]
+
+
+@pytest.mark.parametrize("method", BATCHED)
+@pytest.mark.parametrize("draft_kind", ["other", "same", "perturbed"])
+def test_rows_match_solo_generate_and_hf_greedy(models, eos_case, method, draft_kind):
+    target, draft = models["target"], models[draft_kind]
+    eos, expected = eos_case
+    out = generate(target, PROMPTS, draft=draft, method=method, max_new_tokens=24, eos_token_id=eos,
+                   pad_token_id=PAD)
+    assert isinstance(out, BatchGenerationOutput)
+    assert out.sequences.shape == (4, max(len(p) + len(e) for p, e in zip(PROMPTS, expected)))
+    assert out.finish_reasons[1:] == ["length", "stop", "stop"]
+    for i, row in enumerate(PROMPTS):
+        solo = generate(target, torch.tensor([row]), draft=draft, method=method, max_new_tokens=24, eos_token_id=eos)
+        assert out.sequences[i, :len(row)].tolist() == row
+        assert new_tokens(out, i, len(row)) == expected[i] == solo.sequences[0, len(row):].tolist(), (method, i)
+        assert out.finish_reasons[i] == solo.finish_reason
+        assert out.stats[i].accept_lengths == solo.stats.accept_lengths  # the same proposals, step by step
+        assert out.stats[i].target_forwards == solo.stats.target_forwards == len(solo.stats.accept_lengths)
+        assert out.stats[i].draft_forwards == solo.stats.draft_forwards
+
+
+def test_budget_of_one_and_rows_ending_on_their_first_token(models, eos_case):
+    target, draft = models["target"], models["perturbed"]
+    eos, expected = eos_case
+    for method in BATCHED:
+        out = generate(target, PROMPTS, draft=draft, method=method, max_new_tokens=1, eos_token_id=[],
+                       pad_token_id=PAD)
+        assert [new_tokens(out, i, len(row)) for i, row in enumerate(PROMPTS)] == [e[:1] for e in expected]
+        assert [s.target_forwards for s in out.stats] == [1] * 4 and out.finish_reasons == ["length"] * 4
+        ends = generate(target, PROMPTS, draft=draft, method=method, max_new_tokens=24, eos_token_id=[expected[0][0]],
+                        pad_token_id=PAD)
+        assert ends.finish_reasons[0] == "stop" and ends.stats[0].target_forwards == 1
+        for i, row in enumerate(PROMPTS):
+            assert new_tokens(ends, i, len(row)) == hf_greedy(target, row, 24, [expected[0][0]]), (method, i)
+
+
+def test_left_padded_input_ids_give_the_same_rows(models):
+    target, draft = models["target"], models["perturbed"]
+    width = max(LENGTHS)
+    ids = torch.full((4, width), 7)  # padding ids that are not the pad id: the mask is what counts
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for i, row in enumerate(PROMPTS):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    padded = generate(target, ids, attention_mask=mask, draft=draft, max_new_tokens=20, eos_token_id=[],
+                      pad_token_id=PAD)
+    listed = generate(target, PROMPTS, draft=draft, max_new_tokens=20, eos_token_id=[], pad_token_id=PAD)
+    assert torch.equal(padded.sequences[:, :width], ids)
+    for i, row in enumerate(PROMPTS):
+        assert new_tokens(padded, i, width) == new_tokens(listed, i, len(row)) == hf_greedy(target, row, 20)
+
+
+def test_shared_warm_pool_changes_no_row(models):
+    target, draft = models["target"], models["perturbed"]
+    pool = PhrasePool(level=4, capacity=8)
+    for _ in range(2):  # cold, then warm
+        out = generate(target, PROMPTS, draft=draft, max_new_tokens=20, eos_token_id=[], pool=pool, pad_token_id=PAD)
+        for i, row in enumerate(PROMPTS):
+            assert new_tokens(out, i, len(row)) == hf_greedy(target, row, 20)
+    assert len(pool) > 0
+
+
+@pytest.mark.parametrize("method", ["vanilla", "ouroboros"])
+def test_sampling_row_equals_solo_with_its_seed(models, method):
+    target, draft = models["target"], models["perturbed"]
+    options = dict(do_sample=True, temperature=0.9, top_k=30, top_p=0.95, eos_token_id=[], max_new_tokens=16)
+    out = generate(target, PROMPTS, draft=draft, method=method, seed=11, pad_token_id=PAD, **options)
+    rows = [new_tokens(out, i, len(row)) for i, row in enumerate(PROMPTS)]
+    for i, row in enumerate(PROMPTS):
+        solo = generate(target, torch.tensor([row]), draft=draft, method=method, seed=11 + i, **options)
+        assert rows[i] == solo.sequences[0, len(row):].tolist()
+    assert len({tuple(r) for r in rows}) > 1
+    again = generate(target, PROMPTS, draft=draft, method=method, seed=11, pad_token_id=PAD, **options)
+    assert torch.equal(again.sequences, out.sequences)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_sliding_window_rows_match_solo(family):
+    """Windows shorter than the rows: each row's window is cut from its own positions."""
+    target = tiny_family_model(family, seed=0, vocab=VOCAB, window=4)
+    draft = perturbed(target, scale=0.05)
+    out = generate(target, PROMPTS, draft=draft, max_new_tokens=12, eos_token_id=[], pad_token_id=PAD)
+    for i, row in enumerate(PROMPTS):
+        solo = generate(target, torch.tensor([row]), draft=draft, max_new_tokens=12, eos_token_id=[])
+        assert new_tokens(out, i, len(row)) == solo.sequences[0, len(row):].tolist() == hf_greedy(target, row, 12)
+
+
+def test_batch_runner_logits_match_the_solo_runner(models):
+    """Rows of different lengths, trees of different sizes, a rewind that leaves stale slots, a row
+    left out of a step, and a dropped row: each row's logits are the solo runner's."""
+    target = models["target"]
+    batch = BatchRunner(target, [0, 1, 2])
+    solos = {row: ModelRunner(target) for row in range(3)}
+    sequences = {row: list(PROMPTS[row]) for row in range(3)}
+
+    def tree(row, size):
+        t = DraftTree()
+        t.add_chain([(row + k) % VOCAB for k in range(size)])
+        t.add_chain([(row * 5 + 1) % VOCAB])
+        return t
+
+    def step(rows, sizes):
+        steps = {row: (batch.rewind(row, sequences[row]), tree(row, sizes[row])) for row in rows}
+        logits = batch.forward(steps)
+        for row in rows:
+            expected = solos[row].forward(solos[row].rewind(sequences[row]), steps[row][1])
+            assert torch.allclose(logits[row], expected, atol=1e-5), row
+            path = [0, 1][:sizes[row]]
+            batch.keep(row, path)
+            solos[row].keep(path)
+            assert batch.tokens[row] == solos[row].tokens
+            sequences[row] = sequences[row] + [steps[row][1].tokens[n] for n in path] + [row + 40]
+
+    step([0, 1, 2], {0: 3, 1: 0, 2: 5})
+    sequences[1] = sequences[1][:-4]  # a rewind: its cached slots past here are stale, must stay hidden
+    step([0, 1, 2], {0: 1, 1: 4, 2: 2})
+    step([0, 2], {0: 2, 2: 6})  # row 1 sits out
+    batch.drop([0])
+    step([1, 2], {1: 3, 2: 1})
+    assert batch.rows == [1, 2] and batch.cache.layers[0].keys.shape[0] == 2
+    assert batch.cache.layers[0].keys.shape[2] == max(len(batch.tokens[row]) for row in batch.rows)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4)), "input_ids' shape"),
+    (dict(prompts=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]])),
+     "row 0 has padding after a token"),
+    (dict(prompts=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]])),
+     "row 0 of attention_mask is all padding"),
+    (dict(prompts=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 2, 1], [1, 1, 1]])),
+     "only 0"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1, 2], [3, 99]]), "outside the target's vocabulary"),
+    (dict(prompts=[[1, 2], [3]], attention_mask=torch.ones(2, 2)), "not with a list"),
+    (dict(prompts=[[1, 2], [3]], method="auto"), "'auto' does not batch"),
+    (dict(prompts=[[1, 2], [3]], streamer=object()), "streamer"),
+    (dict(prompts=[[1, 2], [3]], fast=True), "eager runner"),
+    (dict(prompts=[[1, 2], [3]], pad_token_id=-1), "pad_token_id"),
+])
+def test_bad_batches_are_refused(models, kwargs, message):
+    args = dict(draft=models["perturbed"], max_new_tokens=2, eos_token_id=[], pad_token_id=PAD)
+    args.update(kwargs)
+    with pytest.raises(InvalidArgumentError, match=message):
+        generate_batch(models["target"], args.pop("prompts"), **args)
