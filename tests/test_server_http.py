@@ -126,3 +126,12 @@ def test_api_key(server_pair):
             client(url, api_key="wrong").models.list()
         assert client(url, api_key="s3cret-key").completions.create(**OK).usage.completion_tokens == 2
         assert metrics(url, Authorization="Bearer s3cret-key")["ouroboros_generated_tokens_total"] == 2
+
+
+def test_create_app_defaults_to_the_serve_commands_method():
+    """An app built in Python serves what `ouroboros serve` does."""
+    import inspect
+
+    from ouroboros.arguments import DEFAULT_METHOD
+
+    assert inspect.signature(create_app).parameters["method"].default == DEFAULT_METHOD == "auto"
