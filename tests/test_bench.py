@@ -298,13 +298,15 @@ def test_a_table_column_is_one_entry():
     from ouroboros.bench import TABLE_COLUMNS, Column, format_table
 
     figures = {"tokens_per_second": 10.0, "speedup": 1.5, "mean_accepted": 2.0, "target_forwards_per_token": 0.5,
-               "draft_forwards_per_token": 2.0, "identical_share": 1.0, "divergences": [], "replayed": 0.25}
+               "draft_forwards_per_token": 2.0, "identical_share": 1.0, "divergences": [], "replayed": 0.25,
+               "batch": 4, "aggregate_tokens_per_second": 32.0, "aggregate_speedup": 2.5, "mean_latency": 3.25}
     run = {"temperature": 0.0, "sampling": False, "overall": {"ouroboros": figures}, "categories": {"qa": {}}}
     plain = format_table(run, 1, 8).splitlines()
     extended = format_table(run, 1, 8, TABLE_COLUMNS + (Column("replayed ms", 12, lambda f: f["replayed"]),))
     extended = extended.splitlines()
     assert extended[3] == plain[3] + f"{'replayed ms':>12}" and extended[4] == plain[4] + f"{'0.25':>12}"
-    assert plain[4].split() == ["ouroboros", "10.00", "1.50x", "2.00", "0.50", "2.00", "100%"]
+    assert plain[4].split() == ["ouroboros", "10.00", "1.50x", "4", "32.00", "2.50x", "3.25", "2.00", "0.50", "2.00",
+                                "100%"]
 
 
 def test_costs_replay_each_method_on_a_cost_table(pair, questions, tmp_path, capsys):
@@ -363,3 +365,85 @@ def test_warm_up_compiles_every_cache_size_before_the_timed_prompts(monkeypatch)
     calls.clear()
     running.warm_up(dataclasses.replace(bench, fast=False), [table["ouroboros"]], questions, 0.0)
     assert calls == [(0, "ouroboros", 16)]
+
+
+def test_batch_runs_each_group_in_one_call(pair, tmp_path, capsys):
+    """--batch 2 on 4 prompts: every contestant that batches runs each pair of prompts in one call (so
+    both rows of a group share one latency), vanilla and ouroboros also one prompt at a time (the
+    second row waits for the first), methods that cannot batch are skipped with a note, and every
+    batched row is token-identical to hf_vanilla's row of its left-padded batch."""
+    out = tmp_path / "out"
+    assert bench(pair, "--num-prompts", "4", "--batch", "2", "--methods", "vanilla,ouroboros,prompt_lookup,auto,"
+                 "hf_assisted", "--out", str(out)) == 0
+    printed = capsys.readouterr()
+    assert "--batch 2: skipping auto, hf_assisted, which cannot batch" in printed.err
+    assert "agg tok/s" in printed.out and "peak RSS" in printed.out
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    methods = ["hf_vanilla", "vanilla", "vanilla_sequential", "ouroboros", "ouroboros_sequential", "prompt_lookup"]
+    assert results["settings"]["methods"] == methods and results["settings"]["batch"] == 2
+    assert results["settings"]["peak_rss_mib"] > 0
+    (run,) = results["runs"]
+    assert run["batch"] == 2 and run["peak_rss_mib"] > 0
+    overall = run["overall"]
+    assert overall["hf_vanilla"]["aggregate_speedup"] == pytest.approx(1.0)
+    for name in methods:
+        figures = overall[name]
+        assert figures["batch"] == (1 if name.endswith("_sequential") else 2)
+        assert figures["aggregate_tokens_per_second"] > 0 and figures["aggregate_speedup"] > 0
+        assert figures["mean_latency"] > 0
+        assert figures["identical_share"] == 1.0, figures["divergences"]
+    questions = run["questions"]
+    assert [q["batch_group"] for q in questions] == [0, 0, 1, 1]
+    for first, second in (questions[0:2], questions[2:4]):
+        for name in methods:
+            a, b = first["methods"][name], second["methods"][name]
+            if name.endswith("_sequential"):
+                assert b["latency"] == pytest.approx(a["latency"] + b["wall_time"])
+            else:
+                assert a["latency"] == b["latency"] == a["wall_time"] == b["wall_time"]
+    check_answer_files(results, out, [f"HumanEval/{i}" for i in range(4)], methods)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--batch", "-3"], "--batch must be >= 1, got -3"),
+    (["--batch", "2", "--costs", "here"], "--costs replays single-stream forwards"),
+])
+def test_bad_batch(pair, tmp_path, capsys, options, message):
+    assert bench(pair, "--num-prompts", "2", "--out", str(tmp_path / "out"), *options) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_vllm_worker_submits_a_group_in_one_generate_call(monkeypatch):
+    """vLLM gets a group's prompts in one `LLM.generate` call and answers each row in order."""
+    import io
+    import sys
+    import types
+
+    from ouroboros.bench import vllm_worker
+
+    calls = []
+
+    class LLM:
+        def __init__(self, **engine):
+            pass
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append([prompt["prompt_token_ids"] for prompt in prompts])
+            outputs = [[*ids[-1:], params.max_tokens] for ids in calls[-1]]
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=tokens)]) for tokens in outputs]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams, fake.__version__ = LLM, lambda **params: types.SimpleNamespace(**params), "0"
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    request = {"prompts": [[1, 2], [3, 4, 5], [6]], "max_new_tokens": 9, "eos_ids": [0], "temperature": 0.0}
+    replies = io.StringIO()
+    vllm_worker.serve({"target": "t", "dtype": "float32", "max_model_len": 64}, [json.dumps(request) + "\n"], replies)
+    ready, reply = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert ready["ready"] is True
+    assert calls == [[[1, 2], [3, 4, 5], [6]]]
+    assert reply["rows"] == [[2, 9], [5, 9], [6, 9]] and reply["seconds"] >= 0

@@ -6,7 +6,16 @@ datasets (prompts) -> running (contestants, timed runs, comparison with hf_vanil
 
 from .command import add_bench_parser, check_numbers, cmd_bench
 from .datasets import MT_BENCH_CATEGORIES, Question, load_humaneval, load_questions, load_spec_bench, select_questions
-from .reporting import TABLE_COLUMNS, AnswerFiles, Column, aggregate, format_table, method_figures, write_results
+from .reporting import (
+    TABLE_COLUMNS,
+    AnswerFiles,
+    Column,
+    aggregate,
+    format_table,
+    group_figures,
+    method_figures,
+    write_results,
+)
 from .running import (
     ABLATION_METHODS,
     ABLATION_SWITCHES,
@@ -22,12 +31,13 @@ from .running import (
     first_divergence,
     resolve_methods,
     run_comparison,
+    run_group,
     run_question,
 )
 
 __all__ = ["ABLATION_METHODS", "ABLATION_SWITCHES", "BASELINE", "DEFAULT_METHODS", "MT_BENCH_CATEGORIES",
            "TABLE_COLUMNS", "Answer", "AnswerFiles", "Bench", "Column", "Method", "Question", "Turn",
            "add_bench_parser", "aggregate", "check_numbers", "cmd_bench", "contestants", "cut_at_eos",
-           "engine_methods", "first_divergence", "format_table", "load_humaneval", "load_questions",
-           "load_spec_bench", "method_figures", "resolve_methods", "run_comparison", "run_question",
+           "engine_methods", "first_divergence", "format_table", "group_figures", "load_humaneval", "load_questions",
+           "load_spec_bench", "method_figures", "resolve_methods", "run_comparison", "run_group", "run_question",
            "select_questions", "write_results"]

@@ -1,12 +1,12 @@
 """`ouroboros bench`: every method side by side on the same prompts, the Spec-Bench way.
 
 Fairness rules this follows (Spec-Bench's, and BENCHMARKS.md's): one run, one machine, methods
-interleaved per prompt so that machine drift hits all of them alike; new tokens counted the same way
-for every method (up to and including the first EOS); wall time measured around each call, prefill
-included, for every method; untimed warm-ups per method, so that no timed prompt compiles a graph
-(a full one on the first prompt of each longer KV cache on the fast path); cold and warm phrase pools reported
-apart; HF baselines called with explicit greedy (or sampling) settings so that a model's own
-generation_config defaults cannot change what "greedy" means.
+interleaved per prompt (with --batch N, per group of N prompts) so that machine drift hits all of them
+alike; new tokens counted the same way for every method (up to and including the first EOS); wall
+time measured around each call, prefill included, for every method; untimed warm-ups per method, so
+that no timed prompt compiles a graph (a full one on the first prompt of each longer KV cache on the
+fast path); cold and warm phrase pools reported apart; HF baselines called with explicit greedy (or
+sampling) settings so that a model's own generation_config defaults cannot change what "greedy" means.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -61,7 +62,9 @@ def check_numbers(args: argparse.Namespace) -> list[float]:
     """Reject bad numbers before any model is loaded; returns the temperatures."""
     check_minimums(("--num-prompts", args.num_prompts, 1), ("--start", args.start, 0),
                    ("--max-new-tokens", args.max_new_tokens, 1), ("--per-category", args.per_category, 1),
-                   ("--vllm-k", args.vllm_k, 1))
+                   ("--vllm-k", args.vllm_k, 1), ("--batch", args.batch, 1))
+    if args.batch > 1 and args.costs:
+        raise InvalidArgumentError("--costs replays single-stream forwards: give it with --batch 1 only")
     temperatures = args.temperature
     for t in temperatures:
         if not math.isfinite(t) or t < 0:
@@ -100,6 +103,18 @@ REPLAY_NOTE = ("replayed figures: each method's forwards (tokens fed, tokens cac
                "one single-token forward per further token; HF assisted and prompt lookup cannot be replayed")
 
 
+BATCH_NOTE = ("with --batch N > 1 the prompts are cut into consecutive groups of N; each contestant that "
+              "batches runs a group in one call (the engine's methods as a list of prompts, on the eager runner; "
+              "hf_vanilla as transformers' generate on the left-padded group; vLLM with the group submitted "
+              "together), each *_sequential contestant runs it one prompt after another; each row is compared with "
+              "hf_vanilla's row of the same batched call; batched rows sample with the group's first seed + row")
+
+
+def peak_rss_mib() -> float:
+    """The bench process's peak resident memory so far (Linux reports KiB), models included."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def replay_table(costs: str | None, target, draft, fast: bool | None) -> CostTable | None:
     """--costs: a cost file, or "here" for this machine's measured (cached) table."""
     if costs is None:
@@ -133,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         eos = eos_token_ids(target, tokenizer=tokenizer)
         pad = pad_id(tokenizer, eos)
         bench = Bench(target, draft, tokenizer, eos, pad, chat, args.max_new_tokens, config, args.top_p, args.seed,
-                      args.device, fast_from_args(args))
+                      args.device, fast_from_args(args), batch=args.batch)
         check_lengths(bench, questions)
         costs = replay_table(args.costs, target, draft, fast_from_args(args))
         bound = memory_bound(target)
@@ -150,9 +165,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 run = aggregate(records, methods, temperature, costs)
                 run["completed_prompts"] = len(records)
                 run["interrupted"] = interrupted
+                run["batch"] = args.batch
+                run["peak_rss_mib"] = peak_rss_mib()
                 runs.append(run)
                 answer_files[f"{temperature:g}"] = {name: os.fspath(path) for name, path in paths.items()}
-                print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n" + bound.line() + "\n")
+                print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n" + bound.line() + "\n"
+                      + f"peak RSS of the bench process so far: {run['peak_rss_mib']:.0f} MiB "
+                      "(vLLM workers not included)\n")
             if interrupted:
                 break
         peer_info = peer_settings(bench.peers)
@@ -164,7 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "questions_file": args.questions, "question_ids": [q.question_id for q in questions],
                 "prompt_format": "chat template" if chat else "raw text", "all_turns": args.all_turns,
                 "max_new_tokens": args.max_new_tokens, "temperatures": temperatures, "top_p": args.top_p,
-                "seed": args.seed, "methods": [m.name for m in methods], "baseline": BASELINE,
+                "seed": args.seed, "methods": [m.name for m in methods], "baseline": BASELINE, "batch": args.batch,
+                "batching": BATCH_NOTE, "peak_rss_mib": peak_rss_mib(),
                 "config": config.to_dict(), "target": args.target, "draft": args.draft, "model_id": model_id,
                 "dtype": args.dtype, "device": args.device, "eos_token_ids": eos, "pad_token_id": pad,
                 "warm_up": f"one untimed generation of up to {WARMUP_TOKENS} tokens per method per temperature; on "
@@ -239,6 +259,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                      help="one or more; 0 (default) is greedy, each value is a full comparison")
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0 (default 1)")
     run.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every method on a prompt")
+    run.add_argument("--batch", type=int, default=1, metavar="N",
+                     help="run N consecutive prompts at once in every contestant that batches (auto and HF's "
+                          "assisted modes do not: they are skipped), beside vanilla and ouroboros one prompt at a "
+                          "time (*_sequential); reports aggregate tokens/s and per-prompt latency (default 1)")
     run.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
     run.add_argument("--costs", metavar="FILE|here",
                      help="also report each method's tokens/s replayed on this cost table (a JSON file "

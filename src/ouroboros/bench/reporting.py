@@ -16,7 +16,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +98,29 @@ def aggregate(records: list[dict], methods: list[Method], temperature: float, co
             replayed = values["replayed_tokens_per_second"]
             values["replayed_speedup"] = _ratio(replayed, replayed_baseline) if replayed is not None else None
         result[scope] = figures
+    overall = result.pop("overall")
+    for method in methods:
+        overall[method.name].update(group_figures(records, method))
+    for values in overall.values():
+        values["aggregate_speedup"] = _ratio(values["aggregate_tokens_per_second"],
+                                             overall[BASELINE]["aggregate_tokens_per_second"])
     return {"temperature": temperature, "sampling": not greedy, "replayed": costs is not None,
-            "overall": result.pop("overall"),
+            "overall": overall,
             "categories": result, "questions": [question_figures(record) for record in records]}
+
+
+def group_figures(records: list[dict], method: Method) -> dict:
+    """What a server's users see (`bench --batch N`), over whole groups of prompts: rows per call,
+    all rows' new tokens over the sum of the groups' wall times (aggregate tokens/s), and the mean
+    time until a row's result (a batched call's wall time; one at a time, the prompts before it
+    included). Only overall: a category may hold part of a group."""
+    answers = [record["answers"][method.name] for record in records]
+    seconds = {record["group"]: record["group_seconds"][method.name] for record in records}
+    size = max(Counter(record["group"] for record in records).values())
+    latencies = [a.wall_time if a.latency is None else a.latency for a in answers]
+    return {"batch": size if method.batches else 1,
+            "aggregate_tokens_per_second": _ratio(sum(a.new_tokens for a in answers), sum(seconds.values())),
+            "mean_latency": sum(latencies) / len(latencies)}
 
 
 def question_figures(record: dict) -> dict:
@@ -109,7 +129,7 @@ def question_figures(record: dict) -> dict:
     methods = {}
     for name, answer in record["answers"].items():
         accept = [n for turn in answer.turns for n in (turn.accept_lengths or [])]
-        methods[name] = {"new_tokens": answer.new_tokens, "wall_time": answer.wall_time,
+        methods[name] = {"new_tokens": answer.new_tokens, "wall_time": answer.wall_time, "latency": answer.latency,
                          "tokens_per_second": _ratio(answer.new_tokens, answer.wall_time),
                          "target_forwards": _forwards(answer.turns, "target_forwards"),
                          "draft_forwards": _forwards(answer.turns, "draft_forwards"),
@@ -118,7 +138,7 @@ def question_figures(record: dict) -> dict:
             methods[name]["identical"] = record["divergences"][name] is None
             methods[name]["divergence"] = record["divergences"][name]
     return {"question_id": question.question_id, "category": question.category, "group": question.group,
-            "methods": methods}
+            "batch_group": record["group"], "methods": methods}
 
 
 # ---------------------------------------------------------------- output
@@ -153,6 +173,10 @@ def _share_percent(figures: dict) -> float | None:
 TABLE_COLUMNS = (
     Column("tok/s", 9, lambda f: f["tokens_per_second"]),
     Column("speedup", 9, lambda f: f["speedup"], suffix="x"),
+    Column("batch", 6, lambda f: f.get("batch"), form="d"),
+    Column("agg tok/s", 10, lambda f: f.get("aggregate_tokens_per_second")),
+    Column("agg x", 8, lambda f: f.get("aggregate_speedup"), suffix="x"),
+    Column("latency s", 10, lambda f: f.get("mean_latency")),
     Column("acc/fwd", 9, lambda f: f["mean_accepted"]),
     Column("tgt fwd/tok", 12, lambda f: f["target_forwards_per_token"]),
     Column("drf fwd/tok", 12, lambda f: f["draft_forwards_per_token"]),
@@ -172,6 +196,9 @@ def format_table(run: dict, questions: int, max_new_tokens: int, columns=TABLE_C
     lines.append(f"{'method':<30}" + "".join(f"{c.header:>{c.width}}" for c in columns))
     for name, figures in run["overall"].items():
         lines.append(f"{name:<30}" + "".join(c.cell(figures) for c in columns))
+    lines.append(f"(tok/s and speedup: per prompt, averaged, Spec-Bench's way; agg tok/s: all prompts' new tokens "
+                 f"over the summed wall time of each group of {run.get('batch', 1)} prompts, agg x against "
+                 f"{BASELINE}'s; latency: mean seconds until a prompt's result, from its group's start)")
     lines += divergence_lines(run)
     categories = list(run["categories"])
     if len(categories) > 1:

@@ -47,6 +47,17 @@ class Method:
     """Overrides the run's runner choice (e.g. vanilla_eager: plain decoding on the eager runner)."""
     peer: str | None = None
     """Another engine, run in its own process (`vllm_peer`): "vllm" or "vllm_draft"."""
+    sequential: bool = False
+    """With --batch N > 1: the group's prompts one after another (what a serial server delivers),
+    beside the same method batched."""
+
+    @property
+    def batches(self) -> bool:
+        """Whether --batch N runs this contestant on N prompts in one call: HF greedy (left padded),
+        the vLLM peers, and every engine method but auto (which `generate` refuses to batch)."""
+        if self.sequential:
+            return False
+        return self.hf == "greedy" or bool(self.peer) or (self.engine is not None and self.engine != "auto")
 
     @property
     def needs_draft(self) -> bool:
@@ -75,11 +86,17 @@ def contestants() -> dict[str, Method]:
     table += [Method(f"ouroboros_no_{switch}", engine="ouroboros", disable=(switch,)) for switch in ABLATION_SWITCHES]
     table += [Method("ouroboros_classic", engine="ouroboros", disable=ADAPTIVE_SWITCHES)]
     table += [Method(name, peer=name) for name in PEERS]
+    table += [Method(f"{base.name}_sequential", hf=base.hf, engine=base.engine, sequential=True)
+              for base in table if base.name in SEQUENTIAL_METHODS]
     return {method.name: method for method in table}
 
 
 DEFAULT_METHODS = ("hf_vanilla", "hf_assisted", "hf_prompt_lookup", "speculative", "lookahead", "prompt_lookup",
                    "ouroboros", "ouroboros_warm", "auto")
+SEQUENTIAL_METHODS = ("hf_vanilla", "vanilla", "ouroboros")
+"""Those with a `<name>_sequential` contestant: with --batch N > 1, the group run one prompt at a time."""
+SEQUENTIAL_PARTNERS = ("vanilla", "ouroboros")
+"""With --batch N > 1 these bring their sequential contestant along, for the batched/sequential ratio."""
 PEERS = ("vllm", "vllm_draft")
 """vLLM plain and with the draft model, when a Python with vLLM is available (`vllm_peer`)."""
 ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES) + (
@@ -110,6 +127,9 @@ class Turn:
 class Answer:
     method: Method
     turns: list[Turn] = field(default_factory=list)
+    latency: float | None = None
+    """Seconds from its group's start until its last turn came back (with --batch: a batched call's
+    wall time, or the prompts before it included when run one at a time); None: its own wall time."""
 
     @property
     def new_tokens(self) -> int:
@@ -140,13 +160,16 @@ class Bench:
     """generate()'s runner choice for engine methods (--fast / --eager; None: where it pays)."""
     peers: dict = field(default_factory=dict)
     """Contestant name -> running `vllm_peer.VllmPeer`."""
+    batch: int = 1
+    """--batch: prompts per group; each contestant that batches runs a group in one call."""
 
 
 # ---------------------------------------------------------------- contestants
 
 def resolve_methods(args: argparse.Namespace, peers_available: bool = False) -> list[Method]:
     """The methods to run, the hf_vanilla baseline always first; the default list includes the vLLM
-    peers when `peers_available`."""
+    peers when `peers_available`. With --batch N > 1, those that cannot batch are left out (with a
+    note) and vanilla and ouroboros bring their sequential contestants."""
     table = contestants()
     if args.ablation and args.methods:
         raise InvalidArgumentError("give --methods or --ablation, not both")
@@ -161,6 +184,14 @@ def resolve_methods(args: argparse.Namespace, peers_available: bool = False) -> 
     else:
         names = list(DEFAULT_METHODS) + (list(PEERS) if peers_available else [])
     names = [BASELINE] + [name for name in dict.fromkeys(names) if name != BASELINE]
+    if getattr(args, "batch", 1) > 1:
+        skipped = [name for name in names if not (table[name].batches or table[name].sequential)]
+        if skipped:
+            print(f"ouroboros bench: --batch {args.batch}: skipping {', '.join(skipped)}, which cannot batch",
+                  file=sys.stderr)
+        names = [name for name in names if name not in skipped]
+        names = list(dict.fromkeys(partner for name in names for partner in
+                                   ([name, f"{name}_sequential"] if name in SEQUENTIAL_PARTNERS else [name])))
     return [table[name] for name in names]
 
 
@@ -205,10 +236,22 @@ def cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
     return tokens
 
 
-def _run_hf(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+def left_padded(rows: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for HF's batched generate: rows padded on the left, as a tokenizer
+    with padding_side="left" pads them; one row gets no padding and a mask of ones."""
+    width = max(len(row) for row in rows)
+    ids = [[pad_id] * (width - len(row)) + row for row in rows]
+    mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
+    return (torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(mask, dtype=torch.long, device=device))
+
+
+def _run_hf(bench: Bench, method: Method, rows: list[list[int]], max_new_tokens: int, temperature: float,
             seed: int):
-    """transformers' generate; forwards counted by hooks, since HF does not report them."""
+    """transformers' generate on every row at once (left padded); forwards counted by hooks, since HF
+    does not report them (each counts in every row, as the engine's batched forwards do)."""
     kwargs = _hf_kwargs(bench, method, max_new_tokens, temperature)
+    input_ids, attention_mask = left_padded(rows, bench.pad_id, bench.device)
     target_count, draft_count = [0], [0]
     hooks = [_count_forwards(bench.target, target_count)]
     if bench.draft is not None:
@@ -216,57 +259,103 @@ def _run_hf(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_token
     try:
         torch.manual_seed(seed)
         output, seconds = _timed(bench, lambda: bench.target.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), **kwargs))
+            input_ids, attention_mask=attention_mask, **kwargs))
     finally:
         for hook in hooks:
             hook.remove()
-    return output[0, input_ids.shape[1]:].tolist(), seconds, target_count[0], draft_count[0], None, None
+    new = output[:, input_ids.shape[1]:].tolist()
+    return [(tokens, target_count[0], draft_count[0], None, None) for tokens in new], seconds
 
 
-def _run_engine(bench: Bench, method: Method, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+def _run_engine(bench: Bench, method: Method, rows: list[list[int]], max_new_tokens: int, temperature: float,
                 seed: int, pool: PhrasePool | None):
-    """This package's generate; greedy unless temperature > 0."""
+    """This package's generate, greedy unless temperature > 0: one prompt as input_ids [1, L] (the
+    run's runner choice), several as a list (a batch, on the eager runner; row i samples with seed + i)."""
     config = dataclasses.replace(bench.config, **dict.fromkeys(method.disable, False))
     sampling = dict(do_sample=True, temperature=temperature, top_p=bench.top_p, seed=seed) if temperature else {}
+    fast = bench.fast if method.fast is None else method.fast
+    prompts = rows if len(rows) > 1 else torch.tensor(rows, dtype=torch.long, device=bench.device)
     output, seconds = _timed(bench, lambda: generate(
-        bench.target, input_ids, draft=bench.draft, method=method.engine, max_new_tokens=max_new_tokens,
-        eos_token_id=bench.eos_ids, config=config, pool=pool, fast=bench.fast if method.fast is None else method.fast,
-        **sampling))
-    stats = output.stats
-    return (output.sequences[0, input_ids.shape[1]:].tolist(), seconds, stats.target_forwards, stats.draft_forwards,
-            list(stats.accept_lengths), stats.forward_log)
+        bench.target, prompts, draft=bench.draft, method=method.engine, max_new_tokens=max_new_tokens,
+        eos_token_id=bench.eos_ids, config=config, pool=pool, fast=fast if len(rows) == 1 else None, **sampling))
+    stats = output.stats if isinstance(output.stats, list) else [output.stats]
+    return [(output.sequences[i, len(ids):len(ids) + s.new_tokens].tolist(), s.target_forwards, s.draft_forwards,
+             list(s.accept_lengths), s.forward_log) for i, (ids, s) in enumerate(zip(rows, stats))], seconds
+
+
+def run_batch(bench: Bench, method: Method, rows: list[list[int]], *, max_new_tokens: int, temperature: float,
+              seed: int, pool: PhrasePool | None) -> list[Turn]:
+    """One generate call of `method` on the prompts `rows` (usually one), timed from the call to its
+    return, prefill included: every row's Turn carries that call's wall time."""
+    if method.peer:
+        new, seconds = bench.peers[method.name].generate(rows, max_new_tokens, bench.eos_ids, temperature,
+                                                         bench.top_p, seed)
+        results = [(tokens, None, None, None, None) for tokens in new]
+    elif method.hf:
+        results, seconds = _run_hf(bench, method, rows, max_new_tokens, temperature, seed)
+    else:
+        results, seconds = _run_engine(bench, method, rows, max_new_tokens, temperature, seed, pool)
+    turns = []
+    for ids, (tokens, target_forwards, draft_forwards, accept, log) in zip(rows, results):
+        tokens = cut_at_eos(tokens, bench.eos_ids)
+        if method.hf == "greedy":
+            log = vanilla_log(len(ids), len(tokens))
+        text = bench.tokenizer.decode(tokens, skip_special_tokens=True)
+        turns.append(Turn(ids, tokens, text, seconds, target_forwards, draft_forwards, accept, log))
+    return turns
 
 
 def run_turn(bench: Bench, method: Method, ids: list[int], *, max_new_tokens: int, temperature: float,
              seed: int, pool: PhrasePool | None) -> Turn:
     """One generate call of `method` on `ids`, timed from the call to its return, prefill included."""
-    input_ids = torch.tensor([ids], dtype=torch.long, device=bench.device)
-    if method.peer:
-        tokens, seconds = bench.peers[method.name].generate(ids, max_new_tokens, bench.eos_ids, temperature,
-                                                            bench.top_p, seed)
-        target_forwards = draft_forwards = accept = log = None
-    elif method.hf:
-        tokens, seconds, target_forwards, draft_forwards, accept, log = _run_hf(
-            bench, method, input_ids, max_new_tokens, temperature, seed)
-    else:
-        tokens, seconds, target_forwards, draft_forwards, accept, log = _run_engine(
-            bench, method, input_ids, max_new_tokens, temperature, seed, pool)
-    tokens = cut_at_eos(tokens, bench.eos_ids)
-    if method.hf == "greedy":
-        log = vanilla_log(len(ids), len(tokens))
-    text = bench.tokenizer.decode(tokens, skip_special_tokens=True)
-    return Turn(ids, tokens, text, seconds, target_forwards, draft_forwards, accept, log)
+    (turn,) = run_batch(bench, method, [ids], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                        pool=pool)
+    return turn
 
 
 def run_question(bench: Bench, method: Method, question: Question, *, temperature: float, seed: int,
                  pool: PhrasePool | None, max_new_tokens: int | None = None) -> Answer:
     """All turns of one question; each later turn continues the method's own conversation."""
-    answer = Answer(method)
-    for k in range(len(question.turns)):
-        ids = prompt_ids(bench.tokenizer, bench.chat, question, [turn.text for turn in answer.turns])
-        answer.turns.append(run_turn(bench, method, ids, max_new_tokens=max_new_tokens or bench.max_new_tokens,
-                                     temperature=temperature, seed=seed + k, pool=pool))
+    (answer,), _ = _conversations(bench, method, [question], temperature=temperature, seed=seed, pool=pool,
+                                  max_new_tokens=max_new_tokens)
     return answer
+
+
+def run_group(bench: Bench, method: Method, questions: list[Question], *, temperature: float, seeds: list[int],
+              pool: PhrasePool | None, max_new_tokens: int | None = None) -> tuple[list[Answer], float]:
+    """A group of questions (`bench --batch N`): in one call per turn when the method batches, else one
+    question after another. Returns the answers, each with its latency, and the group's wall time.
+    Batched, row i samples with seeds[0] + i (`generate`'s rule); one at a time, with seeds[i]."""
+    if len(questions) > 1 and method.batches:
+        return _conversations(bench, method, questions, temperature=temperature, seed=seeds[0], pool=pool,
+                              max_new_tokens=max_new_tokens)
+    answers, elapsed = [], 0.0
+    for question, seed in zip(questions, seeds):
+        answers.append(run_question(bench, method, question, temperature=temperature, seed=seed, pool=pool,
+                                    max_new_tokens=max_new_tokens))
+        elapsed += answers[-1].wall_time
+        answers[-1].latency = elapsed
+    return answers, elapsed
+
+
+def _conversations(bench: Bench, method: Method, questions: list[Question], *, temperature: float, seed: int,
+                   pool: PhrasePool | None, max_new_tokens: int | None) -> tuple[list[Answer], float]:
+    """Every turn of `questions` together, turn k of each in one call; each later turn continues the
+    method's own conversation. Returns the answers (latency: until a row's last turn came back) and
+    the wall time of all the calls."""
+    answers = [Answer(method) for _ in questions]
+    elapsed = 0.0
+    for k in range(max(len(question.turns) for question in questions)):
+        rows = [i for i, question in enumerate(questions) if len(question.turns) > k]
+        ids = [prompt_ids(bench.tokenizer, bench.chat, questions[i], [turn.text for turn in answers[i].turns])
+               for i in rows]
+        turns = run_batch(bench, method, ids, max_new_tokens=max_new_tokens or bench.max_new_tokens,
+                          temperature=temperature, seed=seed + k, pool=pool)
+        elapsed += turns[0].wall_time
+        for i, turn in zip(rows, turns):
+            answers[i].turns.append(turn)
+            answers[i].latency = elapsed
+    return answers, elapsed
 
 
 # ---------------------------------------------------------------- comparison with vanilla
@@ -309,14 +398,21 @@ def question_seed(base: int, index: int) -> int:
 
 def warm_up(bench: Bench, methods: list[Method], questions: list[Question], temperature: float) -> None:
     """Untimed generations, so that first-call costs (compiling included) land on no timed prompt:
-    one short one per method on the first prompt; then, for each longer KV cache the run will need
-    on the fast path (one more compiled graph per model), a full one of each compiled engine method
-    on the first prompt that needs it. Later turns of multi-turn questions are not foreseen."""
+    one short one per method on the first prompt (on the first group, batched, for those that batch);
+    then, for each longer KV cache the run will need on the fast path (one more compiled graph per
+    model), a full one of each compiled engine method on the first prompt that needs it (batches run
+    on the eager runner: nothing to compile). Later turns of multi-turn questions are not foreseen."""
     first = [Question(q.question_id, q.category, q.turns[:1]) for q in questions]
     for method in tqdm(methods, desc="warm-up", unit="method", leave=False):
-        run_question(bench, method, first[0], temperature=temperature, seed=bench.seed, pool=None,
-                     max_new_tokens=min(WARMUP_TOKENS, bench.max_new_tokens))
-    compiled = [m for m in methods if m.engine and not fast_path_blocker(
+        short = min(WARMUP_TOKENS, bench.max_new_tokens)
+        if method.batches and bench.batch > 1:
+            group = first[:bench.batch]
+            run_group(bench, method, group, temperature=temperature, seeds=[bench.seed] * len(group), pool=None,
+                      max_new_tokens=short)
+        else:
+            run_question(bench, method, first[0], temperature=temperature, seed=bench.seed, pool=None,
+                         max_new_tokens=short)
+    compiled = [m for m in methods if m.engine and not (bench.batch > 1 and m.batches) and not fast_path_blocker(
         bench.target, bench.fast if m.fast is None else m.fast)]
     covered = capacities(len(prompt_ids(bench.tokenizer, bench.chat, first[0], [])),
                          min(WARMUP_TOKENS, bench.max_new_tokens))
@@ -331,31 +427,40 @@ def warm_up(bench: Bench, methods: list[Method], questions: list[Question], temp
 
 def run_comparison(bench: Bench, questions: list[Question], methods: list[Method], temperature: float,
                    record_answer: Callable[[Question, Answer], None]) -> tuple[list[dict], bool]:
-    """For each prompt every method in turn (interleaved); `record_answer` gets each answer as it
-    comes (the answer files are written as the run goes).
+    """For each prompt (with --batch N, each group of N consecutive prompts) every method in turn
+    (interleaved); `record_answer` gets each answer as it comes (the answer files are written as the
+    run goes).
 
-    Returns one record per completed question (the answers and how each compares with vanilla) and
-    whether the run was interrupted (Ctrl-C, SIGTERM, or a vLLM peer that died): then the prompt in
-    progress is dropped, so that every figure still compares all methods on the same prompts."""
+    Returns one record per completed question (the answers, how each compares with vanilla, its
+    group and every method's wall time on that group) and whether the run was interrupted (Ctrl-C,
+    SIGTERM, or a vLLM peer that died): then the group in progress is dropped, so that every figure
+    still compares all methods on the same prompts."""
     greedy = temperature == 0
     warm_pool = PhrasePool(bench.config.level, bench.config.pool_size)
     records = []
     try:
         warm_up(bench, methods, questions, temperature)
-        bar = tqdm(questions, desc=f"temperature {temperature:g}", unit="prompt")
-        for index, question in enumerate(bar):
-            answers = {}
+        bar = tqdm(total=len(questions), desc=f"temperature {temperature:g}", unit="prompt")
+        for start in range(0, len(questions), bench.batch):
+            group = questions[start:start + bench.batch]
+            seeds = [question_seed(bench.seed, start + i) for i in range(len(group))]
+            answers, seconds = {}, {}
             for method in methods:
                 bar.set_postfix_str(method.name)
-                answers[method.name] = run_question(bench, method, question, temperature=temperature,
-                                                    seed=question_seed(bench.seed, index),
-                                                    pool=warm_pool if method.warm else None)
-                record_answer(question, answers[method.name])
-            divergences = {}
-            if greedy:
-                divergences = {name: first_divergence(bench, answers[BASELINE], answer, greedy)
-                               for name, answer in answers.items() if name != BASELINE}
-            records.append({"question": question, "answers": answers, "divergences": divergences})
+                answers[method.name], seconds[method.name] = run_group(
+                    bench, method, group, temperature=temperature, seeds=seeds,
+                    pool=warm_pool if method.warm else None)
+                for question, answer in zip(group, answers[method.name]):
+                    record_answer(question, answer)
+            for i, question in enumerate(group):
+                row = {name: rows[i] for name, rows in answers.items()}
+                divergences = {}
+                if greedy:
+                    divergences = {name: first_divergence(bench, row[BASELINE], answer, greedy)
+                                   for name, answer in row.items() if name != BASELINE}
+                records.append({"question": question, "answers": row, "divergences": divergences,
+                                "group": start // bench.batch, "group_seconds": seconds})
+            bar.update(len(group))
     except KeyboardInterrupt:
         return records, True
     except VllmError as exc:  # a peer that died (e.g. out of memory) ends the run, keeping what is done

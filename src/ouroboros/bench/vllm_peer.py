@@ -1,7 +1,8 @@
 """vLLM as a peer in the bench: its engine runs in a worker process (`vllm_worker.py`), started once
-per run and asked one prompt at a time, so that it is interleaved with the other methods like any
-contestant. The worker may run under another Python (`--vllm-python`): vLLM's CPU build pins its
-own transformers, so it usually lives in its own virtual environment."""
+per run and asked one prompt at a time (with `bench --batch N`, N prompts in one call), so that it is
+interleaved with the other methods like any contestant. The worker may run under another Python
+(`--vllm-python`): vLLM's CPU build pins its own transformers, so it usually lives in its own virtual
+environment."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class VllmSettings:
 
 
 class VllmPeer:
-    """One vLLM engine in a worker process; `generate` is one single-stream request."""
+    """One vLLM engine in a worker process; `generate` is one request of one or several prompts."""
 
     def __init__(self, settings: VllmSettings, log_path: Path, progress: bool = True):
         self.settings = settings
@@ -74,12 +75,13 @@ class VllmPeer:
         self.version = ready.get("version", "?")
         self.startup_seconds = ready.get("startup_seconds")
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int], temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> tuple[list[int], float]:
-        """(new token ids, seconds of the worker's generate call, prefill included)."""
-        reply = self._ask({"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "eos_ids": eos_ids,
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> tuple[list[list[int]], float]:
+        """(new token ids per prompt, seconds of the worker's one generate call on all of them, prefill
+        included): one prompt is a single stream, several are submitted together (`bench --batch`)."""
+        reply = self._ask({"prompts": prompts, "max_new_tokens": max_new_tokens, "eos_ids": eos_ids,
                            "temperature": temperature, "top_p": top_p, "seed": seed})
-        return reply["tokens"], reply["seconds"]
+        return reply["rows"], reply["seconds"]
 
     def _ask(self, message: dict) -> dict:
         try:

@@ -3,9 +3,10 @@
 Run by a Python that has vLLM (`--vllm-python`, possibly another virtual environment: vLLM's CPU
 build pins its own transformers), so this file imports only the standard library and vLLM.
 Protocol: one JSON object per line. The first line this process writes is {"ready": true, ...}
-once the engine is up (or {"error": ...}); then each request line {"prompt_ids", "max_new_tokens",
-"eos_ids", "temperature", "top_p", "seed"} gets {"tokens", "seconds"}, where seconds is the wall
-time of one `LLM.generate` call on that one prompt (prefill included, single stream). vLLM's own
+once the engine is up (or {"error": ...}); then each request line {"prompts", "max_new_tokens",
+"eos_ids", "temperature", "top_p", "seed"} gets {"rows", "seconds"}: the new token ids of each
+prompt, and the wall time of one `LLM.generate` call on all of them, submitted together (prefill
+included; one prompt is a single stream). vLLM's own
 logs go to stderr: the protocol has the original stdout to itself.
 """
 
@@ -39,11 +40,11 @@ def serve(settings: dict, requests, replies) -> None:
         params = SamplingParams(max_tokens=request["max_new_tokens"], stop_token_ids=request["eos_ids"],
                                 temperature=temperature, top_p=request.get("top_p", 1.0) if temperature else 1.0,
                                 seed=request.get("seed"), detokenize=False)
-        prompt = TokensPrompt(prompt_token_ids=request["prompt_ids"])
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
         start = time.perf_counter()
-        output = llm.generate([prompt], params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-        _reply(replies, {"tokens": list(output[0].outputs[0].token_ids), "seconds": seconds})
+        _reply(replies, {"rows": [list(output.outputs[0].token_ids) for output in outputs], "seconds": seconds})
 
 
 def _version() -> str:
