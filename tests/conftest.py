@@ -1,5 +1,6 @@
 """Test-wide settings: tiny models run fastest on one thread (and do not fight over the 2 cores);
-measured cost tables (method="auto") go to a temporary directory, not the user's cache. And the
+measured cost tables (method="auto") and compiled packages (the CPU fast path) go to temporary
+directories, not the user's cache. And the
 server tests' shared fixtures (their helpers import the serve extra, so only when asked for)."""
 
 import os
@@ -10,6 +11,7 @@ import torch
 
 torch.set_num_threads(1)
 os.environ["OUROBOROS_COST_CACHE"] = tempfile.mkdtemp(prefix="ouroboros-test-costs-")
+os.environ["OUROBOROS_COMPILED_CACHE"] = tempfile.mkdtemp(prefix="ouroboros-test-compiled-")
 
 
 @pytest.fixture(scope="module")

@@ -107,5 +107,5 @@ def test_the_summary_line_counts_generating_only():
     stats = GenerationStats(target_forwards=4, new_tokens=32, wall_time=120.0, compile_seconds=84.0,
                             measure_seconds=20.0)
     line = summary_line("auto", stats)
-    assert "32 tokens in 16.00 s: 2.00 tokens/s" in line and "compiling took 84.0 s more" in line
+    assert "32 tokens in 16.00 s: 2.00 tokens/s" in line and "fast path took 84.0 s more" in line
     assert "compiling" not in summary_line("auto", GenerationStats(new_tokens=1, wall_time=1.0))

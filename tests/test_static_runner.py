@@ -148,6 +148,7 @@ def test_a_failing_compile_runs_eagerly_and_stays_exact(models, monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(static_runner, "_call_compiled", broken)
+    monkeypatch.setattr(static_runner, "aot_blocker", lambda model: "in-process compiling is tested here")
     ids = prompt(1)
     with pytest.warns(UserWarning, match="torch.compile failed .*no compiler here"):
         out = generate(target, ids, method="lookahead", max_new_tokens=20, eos_token_id=[], fast=True)
@@ -155,8 +156,10 @@ def test_a_failing_compile_runs_eagerly_and_stays_exact(models, monkeypatch):
     assert "failed earlier" in static_runner.compile_blocker(target)
 
 
-def test_compiled_tiny_model_is_exact():
-    """torch.compile with freezing, for real (slow: a few graphs of a 2-layer model)."""
+def test_compiled_tiny_model_is_exact(monkeypatch):
+    """torch.compile with freezing in-process, for real (slow: a few graphs of a 2-layer model); on the
+    CPU it serves models with no package (tests/test_aot.py tests the packages)."""
+    monkeypatch.setattr(static_runner, "aot_blocker", lambda model: "in-process compiling is tested here")
     target = tiny_model("qwen2", seed=2, vocab=VOCAB)
     ids = prompt(2)
     ref = reference(target, ids, 24)

@@ -84,7 +84,7 @@ def summary_line(method: str, stats) -> str:
             f"tokens/s, {stats.mean_accepted:.2f} tokens per target forward ({stats.target_forwards} target, "
             f"{stats.draft_forwards} draft forwards)")
     if stats.compile_seconds:
-        line += f"; compiling took {stats.compile_seconds:.1f} s more (not counted)"
+        line += f"; compiling or loading the fast path took {stats.compile_seconds:.1f} s more (not counted)"
     return line
 
 

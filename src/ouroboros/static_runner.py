@@ -31,6 +31,9 @@ from collections.abc import Sequence
 import torch
 from transformers import StaticCache
 
+from .aot import MAX_TOKENS as AOT_MAX_TOKENS
+from .aot import MIN_TOKENS as AOT_MIN_TOKENS
+from .aot import aot_blocker, aot_forward
 from .errors import UnsupportedModelError
 from .model_facts import text_config
 from .runner import (
@@ -97,7 +100,13 @@ class StaticRunner(ForwardLog):
         past, p = len(self.tokens), len(pending)
         fed, positions, allowed = tree_inputs(pending, tree, past)
         q = len(fed)
-        bucket = next((b for b in self.buckets if b >= q), None)
+        start = time.perf_counter()
+        self._reserve(past + max(q, AOT_MIN_TOKENS))
+        package = self._package()
+        if package is not None and q <= AOT_MAX_TOKENS:  # one graph for any size: padded only to its minimum
+            bucket = max(q, AOT_MIN_TOKENS)
+        else:
+            bucket = next((b for b in self.buckets if b >= q), None)
         size = bucket or q
         self._reserve(past + size)
         ids = torch.tensor(fed, device=self.device)
@@ -114,9 +123,13 @@ class StaticRunner(ForwardLog):
                       **{self.cache_argument: self.cache})
         if bucket is None:  # a long eager forward (a prompt): no logits for the pending tokens before the root
             inputs["logits_to_keep"] = q - p + 1
-        start = time.perf_counter()
-        rows = self._run(bucket, inputs).logits[0]
-        logits = rows if bucket is None else rows[p - 1:q]
+        if package is not None and bucket is not None:
+            logits = package(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], past,
+                             [layer.keys for layer in self.cache.layers], [layer.values for layer in self.cache.layers],
+                             torch.arange(p - 1, q))[0]
+        else:
+            rows = self._run(bucket, inputs).logits[0]
+            logits = rows if bucket is None else rows[p - 1:q]
         self._last = (p, fed)
         # CUDA graphs reuse their output buffers: copy out (in float32 that is not otherwise a copy)
         logits = logits.to(torch.float32, copy=self._compiled() and self.device.type == "cuda")
@@ -143,6 +156,22 @@ class StaticRunner(ForwardLog):
 
     def _compiled(self) -> bool:
         return self.compile and self.model not in _BROKEN
+
+    def _package(self):
+        """The model's AOTInductor package (`aot.AotForward`) when this runner compiles on the CPU and
+        its cache buffers exist (the first forward fills them eagerly), else None. Loading or building
+        it counts as this forward's compiling."""
+        if not self.compile or self.device.type != "cpu" or self.cache is None or self.model in _BROKEN:
+            return None
+        if not all(getattr(layer, "is_initialized", False) for layer in self.cache.layers):
+            return None
+        if aot_blocker(self.model) is not None:
+            return None
+        package, seconds, _ = aot_forward(self.model, [layer.keys for layer in self.cache.layers],
+                                          [layer.values for layer in self.cache.layers], self.cache_argument,
+                                          self.progress)
+        self._compiled_now = self._compiled_now or seconds > 0
+        return package
 
     def _run(self, bucket: int | None, inputs: dict):
         initialized = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)

@@ -1,0 +1,103 @@
+"""The CPU fast path's compiled forward kept on disk (AOTInductor): built once, loaded by later
+processes without compiling, exact, and never reused for another model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_exactness import VOCAB, prompt, reference
+from tiny_models import perturbed, tiny_model
+
+import ouroboros.aot as aot
+from ouroboros import METHODS, generate
+from ouroboros.aot import package_key
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny target and draft whose packages are built once into a fresh cache folder."""
+    folder = tmp_path_factory.mktemp("compiled")
+    old = os.environ.get(aot.CACHE_ENV)
+    os.environ[aot.CACHE_ENV] = str(folder)
+    target = tiny_model("llama", seed=21, vocab=VOCAB)
+    draft = perturbed(target, scale=0.05)
+    first = generate(target, prompt(0), draft=draft, method="ouroboros", max_new_tokens=24, eos_token_id=[],
+                     fast=True)
+    yield target, draft, folder, first
+    if old is None:
+        del os.environ[aot.CACHE_ENV]
+    else:
+        os.environ[aot.CACHE_ENV] = old
+
+
+def test_the_first_use_builds_a_package_per_model(built):
+    target, draft, folder, first = built
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in folder.iterdir() if (p / "model.so").is_file() and (p / "key.json").is_file())
+    assert len([p for p in folder.iterdir() if (p / "model.so").is_file()]) == 2  # target and draft
+    assert first.stats.compile_seconds > 0
+    assert any(record.compiled for record in first.stats.forward_log)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_exact_on_the_package(built, method):
+    target, draft, _, _ = built
+    for seed in range(2):
+        ids = prompt(seed)
+        out = generate(target, ids, draft=draft, method=method, max_new_tokens=30, eos_token_id=[], fast=True)
+        assert torch.equal(out.sequences, reference(target, ids, 30)), (method, seed)
+        assert out.stats.compile_seconds == 0
+
+
+def test_a_new_process_loads_it_without_compiling(built):
+    _, _, folder, _ = built
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from tiny_models import tiny_model, perturbed
+        from test_exactness import prompt, reference
+        from ouroboros import generate
+        target = tiny_model("llama", seed=21, vocab={VOCAB})
+        draft = perturbed(target, scale=0.05)
+        out = generate(target, prompt(3), draft=draft, method="ouroboros", max_new_tokens=30, eos_token_id=[],
+                       fast=True)
+        assert torch.equal(out.sequences, reference(target, prompt(3), 30))
+        print("compile seconds", out.stats.compile_seconds)
+    """)
+    env = {**os.environ, aot.CACHE_ENV: str(folder), "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "loaded LlamaForCausalLM's forward" in done.stderr and "compiling" not in done.stderr, done.stderr
+    assert float(done.stdout.split()[-1]) < 10  # loading, not building (which took seconds here)
+
+
+def test_any_changed_weight_or_setting_is_another_package():
+    model = tiny_model("llama", seed=22, vocab=VOCAB)
+    key = package_key(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1  # a middle tensor: the baked weights differ
+    assert package_key(model)["weights"] != key["weights"]
+    assert package_key(model.to(torch.bfloat16))["dtype"] == "torch.bfloat16"
+
+
+def test_a_package_that_does_not_build_falls_back_to_compiling_in_process(monkeypatch, tmp_path):
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the C++ compiler is missing")
+
+    monkeypatch.setattr(aot, "_build", fails)
+    target = tiny_model("llama", seed=23, vocab=VOCAB)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(target, prompt(1), method="vanilla", max_new_tokens=12, eos_token_id=[], fast=True)
+    assert any("the C++ compiler is missing" in str(w.message) for w in caught)
+    assert torch.equal(out.sequences, reference(target, prompt(1), 12))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
