@@ -1,19 +1,23 @@
 """Batched generation: several prompts at once, each row exactly its own solo `generate`.
 
 Every row keeps its own proposer, context, budget, EOS and stop rule; one target forward per step
-verifies every active row's tree (`BatchRunner`), and a finished row leaves the batch. In this first
-version the draft model runs per row (each row its own eager `ModelRunner`), the target runner is the
-eager one, and `method="auto"` is refused.
+verifies every active row's tree (`BatchRunner`), and a finished row leaves the batch. The draft model
+runs batched too: each row's proposer drafts on its view of one shared draft `BatchRunner`, and the
+rows' draft forwards of a step are batched round by round (`DraftBatch`). Both runners are the eager
+ones, and `method="auto"` is refused.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
+from .batch_draft import DraftBatch
 from .batch_runner import BatchRunner
 from .config import OuroborosConfig
 from .errors import InvalidArgumentError, InvalidTypeError
@@ -22,7 +26,6 @@ from .model_facts import eos_token_ids
 from .pool import PhrasePool
 from .proposers import Context, Proposal, Proposer
 from .request import GenerationStats, emit, make_verifier, validate
-from .runner import ModelRunner
 
 __all__ = ["BatchGenerationOutput", "generate_batch", "is_batch"]
 
@@ -33,8 +36,9 @@ class BatchGenerationOutput:
     """[rows, length] as transformers' batched generate: each row its prompt as given (left padding
     included) then its new tokens, then `pad_token_id` up to the longest row."""
     stats: list[GenerationStats]
-    """Per row: its steps, tokens, events, its draft's forwards and the target forwards it took part in
-    (each batched target forward counts once in every row it verified)."""
+    """Per row: its steps, tokens, events, and the batched target and draft forwards it took part in
+    (each batched forward counts once in every row it served; its forward-log record, shared by
+    those rows, gives the whole batch's fed tokens and time)."""
     finish_reasons: list[str] = field(default_factory=list)
     """Per row: "stop" (EOS or the stopping callback) or "length" (max_new_tokens reached)."""
 
@@ -108,10 +112,11 @@ def generate_batch(
     pad = _pad_id(target, pad_token_id, eos_ids)
     start = time.perf_counter()
     rows: dict[int, _Row] = {}
-    with torch.inference_mode():
+    drafting = DraftBatch(draft, range(len(prompt_lists))) if spec.takes_draft and draft is not None else nullcontext()
+    with torch.inference_mode(), drafting as drafts:
         for i, prompt in enumerate(prompt_lists):
             row_pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
-            draft_runner = ModelRunner(draft, role="draft") if spec.takes_draft and draft is not None else None
+            draft_runner = drafts.view(i) if drafts is not None else None
             proposer = spec.build(Setup(list(prompt), config, row_pool, draft_runner, target, max_new_tokens, None,
                                         False))
             verify = make_verifier(do_sample, temperature, top_k, top_p, min_p,
@@ -120,12 +125,15 @@ def generate_batch(
         runner = BatchRunner(target, list(rows))
         active = list(rows)
         while active:
-            proposals = {i: rows[i].proposer.propose(rows[i].context) for i in active}
+            calls = {i: partial(rows[i].proposer.propose, rows[i].context) for i in active}
+            proposals = drafts.propose(calls) if drafts is not None else {i: call() for i, call in calls.items()}
             logits = runner.forward({i: (runner.rewind(i, rows[i].context.tokens), proposals[i].tree)
                                      for i in active})
             finished = [i for i in active if _step(rows[i], proposals[i], logits[i], runner, eos, stopping, start)]
             if finished:
                 runner.drop(finished)
+                if drafts is not None:
+                    drafts.drop(finished)
                 active = [i for i in active if i not in finished]
     for row in rows.values():
         steps = row.stats.target_forwards = len(row.stats.accept_lengths)
