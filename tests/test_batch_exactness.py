@@ -1,5 +1,9 @@
 """Batched generate: every row is exactly `generate` on that row alone, and HF greedy `generate`
-(fp32 tiny random models); the batch runner's logits are the solo runner's."""
+(fp32 tiny random models); the batch runner's logits are the solo runner's; the rows' draft
+forwards are batched, and a row failing inside propose() fails the batch without hanging."""
+
+import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from ouroboros import METHODS, PhrasePool, generate
 from ouroboros.batch_generation import BatchGenerationOutput, generate_batch
 from ouroboros.batch_runner import BatchRunner
 from ouroboros.errors import InvalidArgumentError
+from ouroboros.methods import Method, get_method, register, unregister
 from ouroboros.runner import ModelRunner
 from ouroboros.tree import DraftTree
 
@@ -16,6 +21,7 @@ VOCAB = 61
 PAD = 0
 LENGTHS = (3, 20, 8, 14)
 BATCHED = [method for method in METHODS if method != "auto"]
+DRAFTING = ["speculative", "ouroboros"]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +101,110 @@ def test_budget_of_one_and_rows_ending_on_their_first_token(models, eos_case):
         assert ends.finish_reasons[0] == "stop" and ends.stats[0].target_forwards == 1
         for i, row in enumerate(PROMPTS):
             assert new_tokens(ends, i, len(row)) == hf_greedy(target, row, 24, [expected[0][0]]), (method, i)
+
+
+@pytest.mark.parametrize("method", DRAFTING)
+@pytest.mark.parametrize("draft_kind", ["other", "same", "perturbed"])
+def test_batched_draft_rows_with_budgets_of_one_and_two(models, method, draft_kind):
+    """Budgets too short to draft (1) or to draft more than one token (2): every row still its solo run."""
+    target, draft = models["target"], models[draft_kind]
+    expected = [hf_greedy(target, row, 2) for row in PROMPTS]
+    for budget in (1, 2):
+        out = generate(target, PROMPTS, draft=draft, method=method, max_new_tokens=budget, eos_token_id=[],
+                       pad_token_id=PAD)
+        for i, row in enumerate(PROMPTS):
+            solo = generate(target, torch.tensor([row]), draft=draft, method=method, max_new_tokens=budget,
+                            eos_token_id=[])
+            assert new_tokens(out, i, len(row)) == expected[i][:budget] == solo.sequences[0, len(row):].tolist()
+            assert out.stats[i].accept_lengths == solo.stats.accept_lengths
+            assert out.stats[i].draft_forwards == solo.stats.draft_forwards
+
+
+def draft_rounds(log) -> list[int]:
+    """A solo run's draft forwards before each of its target forwards (its forward log, in order)."""
+    rounds = [0]
+    for record in log:
+        if record.model == "target":
+            rounds.append(0)
+        else:
+            rounds[-1] += 1
+    return rounds[:-1]
+
+
+@pytest.mark.parametrize("method", DRAFTING)
+def test_draft_forwards_are_batched_across_rows(models, eos_case, method):
+    """The draft model runs once per drafting round of the step, for all rows: the calls are the sum
+    over steps of the most draft forwards any row needed in that step, not the rows' sum."""
+    target, draft = models["target"], models["other"]
+    eos, _ = eos_case
+    solos = [generate(target, torch.tensor([row]), draft=draft, method=method, max_new_tokens=24, eos_token_id=eos)
+             for row in PROMPTS]
+    rounds = [draft_rounds(solo.stats.forward_log) for solo in solos]
+    steps = max(len(r) for r in rounds)
+    expected = sum(max(r[s] for r in rounds if s < len(r)) for s in range(steps))
+    calls = []
+    hook = draft.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        out = generate(target, PROMPTS, draft=draft, method=method, max_new_tokens=24, eos_token_id=eos,
+                       pad_token_id=PAD)
+    finally:
+        hook.remove()
+    totals = [solo.stats.draft_forwards for solo in solos]
+    assert len(calls) == expected
+    assert max(totals) <= len(calls) < sum(totals), (totals, len(calls))
+    assert [s.draft_forwards for s in out.stats] == totals
+    for stats in out.stats:
+        assert [record.model for record in stats.forward_log].count("draft") == stats.draft_forwards
+
+
+class Boom(Exception):
+    pass
+
+
+class FailingRunner:
+    """A row's draft runner that raises on its `fail_at`-th forward (inside that row's propose())."""
+
+    def __init__(self, runner, fail_at):
+        self.runner, self.fail_at, self.calls = runner, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def forward(self, pending, tree):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise Boom(f"row failed on draft forward {self.calls}")
+        return self.runner.forward(pending, tree)
+
+
+@pytest.mark.parametrize("row, fail_at", [(0, 1), (2, 3), (3, 2)])
+def test_a_row_failing_inside_propose_raises_without_hanging(models, row, fail_at):
+    ouroboros = get_method("ouroboros")
+
+    def build(setup):
+        if setup.prompt == PROMPTS[row]:
+            setup = replace(setup, draft_runner=FailingRunner(setup.draft_runner, fail_at))
+        return ouroboros.build(setup)
+
+    register(Method("failing_row", build, needs_draft=True))
+    outcome = []
+
+    def run():
+        try:
+            generate(models["target"], PROMPTS, draft=models["other"], method="failing_row", max_new_tokens=24,
+                     eos_token_id=[], pad_token_id=PAD)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        caller = threading.Thread(target=run, daemon=True)
+        caller.start()
+        caller.join(timeout=120)
+    finally:
+        unregister("failing_row")
+    assert not caller.is_alive(), "generate_batch hung after a row failed"
+    assert len(outcome) == 1 and isinstance(outcome[0], Boom), outcome
+    assert not [t for t in threading.enumerate() if t.name.startswith("draft-row")]
 
 
 def test_left_padded_input_ids_give_the_same_rows(models):
