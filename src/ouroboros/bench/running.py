@@ -277,7 +277,8 @@ def _run_engine(bench: Bench, method: Method, rows: list[list[int]], max_new_tok
     prompts = rows if len(rows) > 1 else torch.tensor(rows, dtype=torch.long, device=bench.device)
     output, seconds = _timed(bench, lambda: generate(
         bench.target, prompts, draft=bench.draft, method=method.engine, max_new_tokens=max_new_tokens,
-        eos_token_id=bench.eos_ids, config=config, pool=pool, fast=fast if len(rows) == 1 else None, **sampling))
+        eos_token_id=bench.eos_ids, pad_token_id=bench.pad_id, config=config, pool=pool,
+        fast=fast if len(rows) == 1 else None, **sampling))
     stats = output.stats if isinstance(output.stats, list) else [output.stats]
     return [(output.sequences[i, len(ids):len(ids) + s.new_tokens].tolist(), s.target_forwards, s.draft_forwards,
              list(s.accept_lengths), s.forward_log) for i, (ids, s) in enumerate(zip(rows, stats))], seconds
