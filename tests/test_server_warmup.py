@@ -59,7 +59,7 @@ def test_health_says_warming_up_and_requests_wait_for_it(monkeypatch, calls):
     ids = TOKENIZER("Hello", add_special_tokens=False).input_ids
     assert answer[0].choices[0].text == decode(hf_greedy(target, ids, 12))
     assert len(ready) == 1 and ready[0] > 0
-    assert [method for method, _ in calls] == ["ouroboros", "auto"]  # the warm-up runs the draft too
+    assert [method for method, _ in calls] == ["ouroboros", "auto", "auto"]  # warm-up: the draft, then the method
 
 
 def test_the_first_request_pays_no_compiling(monkeypatch, calls):

@@ -32,9 +32,9 @@ from .schema import APIError, from_package_error, internal_error
 
 log = logging.getLogger("ouroboros.server")
 
-WARM_UP_TEXT = "def fibonacci(n):\n    "
-WARM_UP_TOKENS = 16
-"""The warm-up generation's length: enough steps for both models' compiled forwards to run."""
+WARM_UP_TEXT = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
+WARM_UP_TOKENS = 32
+"""The warm-up generations' length: enough steps for every forward shape a request meets to run once."""
 
 
 class TextTracker:
@@ -249,12 +249,14 @@ class Engine:
         try:
             if self.warm_up:
                 with self.tokenizer_lock:
-                    ids = self.tokenizer(WARM_UP_TEXT, add_special_tokens=False).input_ids
+                    ids = self.tokenizer(self._warm_up_text(), add_special_tokens=False).input_ids
                 takes_draft = self.draft is not None and get_method(self.method).takes_draft
-                method = "ouroboros" if takes_draft else self.method  # auto may not run the draft: this does
-                generate(self.target, torch.tensor([ids], device=self.target.device), draft=self.draft,
-                         method=method, max_new_tokens=WARM_UP_TOKENS, config=self.config,
-                         pool=PhrasePool(self.config.level, self.config.pool_size), costs=self.costs, fast=self.fast)
+                # the draft first (auto may not run it), then the served method itself, as a request would
+                for method in dict.fromkeys(["ouroboros" if takes_draft else self.method, self.method]):
+                    generate(self.target, torch.tensor([ids], device=self.target.device), draft=self.draft,
+                             method=method, max_new_tokens=WARM_UP_TOKENS, config=self.config,
+                             pool=PhrasePool(self.config.level, self.config.pool_size), costs=self.costs,
+                             fast=self.fast)
         except Exception:
             log.exception("the warm-up generation failed; serving without it")
         finally:
@@ -262,6 +264,14 @@ class Engine:
             self.ready.set()
         if self.on_ready is not None:
             self.on_ready(self.warm_up_seconds)
+
+    def _warm_up_text(self) -> str:
+        """A chat request's text where the tokenizer has a chat template (a prompt of the length and
+        shape requests bring), else a plain prompt."""
+        messages = [{"role": "user", "content": WARM_UP_TEXT}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return WARM_UP_TEXT
 
     def _work(self) -> None:
         self._warm_up()
