@@ -3,7 +3,8 @@
 1. the README's main command (`ouroboros generate PROMPT`) against the same with `--eager`, in
    alternating rounds, wall time from command to exit and peak RSS (`/usr/bin/time -v`), after one
    untimed run of each (models prepared, packages and cost tables cached);
-2. `ouroboros serve`: the first and second chat completion after the server reports ready.
+2. `ouroboros serve --pool per-request`: the first and second chat completion after the server
+   reports ready.
 
 usage: python scripts/first_use_bars.py [--rounds 3] [--serve] [--threads 2]
 """
@@ -59,7 +60,10 @@ def serve(threads: int) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([OUROBOROS, "serve", "--port", str(port), "--threads", str(threads)],
+    # one cold phrase pool per request: with the shared pool, the second request of the same prompt
+    # drafts from phrases the first one taught it, which is learning, not warm-up
+    process = subprocess.Popen([OUROBOROS, "serve", "--port", str(port), "--threads", str(threads),
+                                "--pool", "per-request"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
