@@ -25,12 +25,16 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 import zipfile
 from pathlib import Path
 
 import torch
 from transformers import StaticCache
+
+from .model_facts import identity_digest
+from .runner import attention_windows
 
 FORMAT = "ouroboros-aot/1"
 MIN_TOKENS = 2
@@ -60,8 +64,6 @@ def aot_blocker(model) -> str | None:
     device = next(model.parameters()).device
     if device.type != "cpu":
         return f"packages are built for the CPU, not {device.type}"
-    from .runner import attention_windows
-
     if len(set(attention_windows(model).values())) > 1:
         return "its layers need different masks (sliding windows)"
     return None
@@ -71,10 +73,7 @@ def package_key(model) -> dict:
     """What a package is valid for: the model's class, config and weights, and the setting."""
     import transformers
 
-    digest = hashlib.sha256(type(model).__name__.encode())
-    config = model.config.to_dict()
-    config.pop("_name_or_path", None)
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest = identity_digest(model)
     with torch.inference_mode():
         for name, tensor in model.state_dict().items():  # the packed weights are baked in: every tensor counts
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
@@ -114,17 +113,17 @@ class _CacheForward(torch.nn.Module):
 
 
 def aot_forward(model, keys: list[torch.Tensor], values: list[torch.Tensor], cache_argument: str,
-                progress: bool = True) -> tuple[AotForward | None, float, bool]:
+                progress: bool = True) -> tuple[AotForward | None, float]:
     """(the package's forward for `model`, or None where it has none; seconds spent loading or
-    building it in this call; whether it was built now). Built once per machine and setting into
+    building it in this call). Built once per machine and setting into
     `aot_cache_dir()`, loaded once per process; `keys`/`values` are one layer's buffers each, to
     trace with. A failure to build warns once and returns None (the caller compiles in-process)."""
     with _LOCK:
         known = _LOADED.get(model)
         if isinstance(known, AotForward):
-            return known, 0.0, False
+            return known, 0.0
         if known is not None:
-            return None, 0.0, False
+            return None, 0.0
         start = time.perf_counter()
         key = package_key(model)
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -139,15 +138,13 @@ def aot_forward(model, keys: list[torch.Tensor], values: list[torch.Tensor], cac
         except Exception as exc:  # any export or compiler failure: say why, compile in-process instead
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             _LOADED[model] = reason
-            import warnings
-
             warnings.warn(f"no compiled package for {type(model).__name__} ({reason}); compiling in-process",
                           stacklevel=3)
-            return None, time.perf_counter() - start, False
+            return None, time.perf_counter() - start
         _LOADED[model] = loaded
         seconds = time.perf_counter() - start
         _say(progress, f"{'compiled' if built else 'loaded'} {type(model).__name__}'s forward in {seconds:.1f} s")
-        return loaded, seconds, built
+        return loaded, seconds
 
 
 def _valid(folder: Path, key: dict) -> bool:

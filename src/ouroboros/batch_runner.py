@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import DynamicCache
 
-from .runner import ForwardLog, _cache_argument, attention_masks, attention_windows, reusable_prefix, tree_inputs
+from .runner import ForwardLog, attention_masks, reusable_prefix, tree_inputs
 from .tree import DraftTree
 
 __all__ = ["BatchRunner"]
@@ -33,10 +33,6 @@ class BatchRunner(ForwardLog):
 
     def __init__(self, model, rows: Sequence[int], role: str = "target"):
         super().__init__(model, role)
-        self.model = model
-        self.dtype = next(model.parameters()).dtype
-        self.cache_argument = _cache_argument(model)
-        self.windows = attention_windows(model)
         self.cache = DynamicCache()
         self.rows: list[int] = list(rows)
         """Row ids in the cache's batch order."""

@@ -26,7 +26,7 @@ import torch
 from .costs import CostTable, ModelCosts
 from .errors import ConfigError
 from .files import write_json_atomically
-from .model_facts import vocab_size
+from .model_facts import identity_digest, vocab_size
 from .runner import ForwardRecord, ModelRunner
 from .static_runner import make_runner, runner_kind
 from .tree import DraftTree
@@ -58,10 +58,7 @@ def cost_cache_dir() -> Path:
 
 def fingerprint(model) -> str:
     """A short hash of what makes one model's costs: class, config and a sample of its weights."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    config = model.config.to_dict()
-    config.pop("_name_or_path", None)  # the folder it was loaded from: the same pair elsewhere costs the same
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest = identity_digest(model)
     with torch.inference_mode():
         for parameter in (next(model.parameters()), list(model.parameters())[-1]):
             sample = parameter.detach().reshape(-1)[:4096].float().cpu()

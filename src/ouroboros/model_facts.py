@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +16,16 @@ def text_config(model):
     may be a model or its config."""
     config = getattr(model, "config", model)
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def identity_digest(model):
+    """A sha256 of what a model is, before its weights: its class and config, less the folder it
+    was loaded from (the same model elsewhere is the same model). Callers add what their key needs."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return digest
 
 
 def vocab_size(model) -> int:

@@ -141,13 +141,17 @@ def decode_step(runner: ModelRunner, tokens: Sequence[int], tree: DraftTree, ver
 
 
 class ForwardLog:
-    """The forward log shared by the runners: one `ForwardRecord` per forward. On CPU a forward is
-    timed when its logits are back; on CUDA (asynchronous) when `keep` runs, after the verification
-    has read the logits."""
+    """What every runner has: its model's facts (device, dtype, KV cache argument, attention windows)
+    and the forward log, one `ForwardRecord` per forward. On CPU a forward is timed when its logits
+    are back; on CUDA (asynchronous) when `keep` runs, after the verification has read the logits."""
 
     def __init__(self, model, role: str):
+        self.model = model
         self.role = role
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache_argument = _cache_argument(model)
+        self.windows = attention_windows(model)
         self.log: list[ForwardRecord] = []
         self._started: tuple[float, int, int, bool] | None = None
         self.compile_seconds = 0.0
@@ -176,10 +180,6 @@ class ModelRunner(ForwardLog):
 
     def __init__(self, model, role: str = "target"):
         super().__init__(model, role)
-        self.model = model
-        self.dtype = next(model.parameters()).dtype
-        self.cache_argument = _cache_argument(model)
-        self.windows = attention_windows(model)
         self.cache = DynamicCache()
         """Full layers only (no config): sliding layers' keys stay too, the mask applies the window."""
         self.tokens: list[int] = []

@@ -76,10 +76,6 @@ class StaticRunner(ForwardLog):
                  min_capacity: int = MIN_CAPACITY, progress: bool = True, role: str = "target"):
         check_static_support(model)
         super().__init__(model, role)
-        self.model = model
-        self.dtype = next(model.parameters()).dtype
-        self.cache_argument = _cache_argument(model)
-        self.windows = attention_windows(model)
         self.compile = compile
         self.dynamic = compile and self.device.type == "cpu"
         """One graph for all buckets (dynamic new-token count, at least 2): one packed weight copy."""
@@ -93,6 +89,10 @@ class StaticRunner(ForwardLog):
         self._last: tuple[int, list[int]] | None = None
         self._release = None
         self._compiled_now = False
+        self._aot = None
+        """The model's package (`aot.AotForward`), once loaded or built."""
+        self._aot_wanted = compile and aot_blocker(model) is None
+        """Whether to look for one: compiled, on the CPU, one mask for every layer."""
 
     def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
         """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
@@ -158,20 +158,17 @@ class StaticRunner(ForwardLog):
         return self.compile and self.model not in _BROKEN
 
     def _package(self):
-        """The model's AOTInductor package (`aot.AotForward`) when this runner compiles on the CPU and
-        its cache buffers exist (the first forward fills them eagerly), else None. Loading or building
-        it counts as this forward's compiling."""
-        if not self.compile or self.device.type != "cpu" or self.cache is None or self.model in _BROKEN:
-            return None
-        if not all(getattr(layer, "is_initialized", False) for layer in self.cache.layers):
-            return None
-        if aot_blocker(self.model) is not None:
-            return None
-        package, seconds, _ = aot_forward(self.model, [layer.keys for layer in self.cache.layers],
-                                          [layer.values for layer in self.cache.layers], self.cache_argument,
-                                          self.progress)
-        self._compiled_now = self._compiled_now or seconds > 0
-        return package
+        """The model's AOTInductor package (`aot.AotForward`) when this runner compiles on the CPU,
+        once its cache buffers exist (the first forward fills them eagerly), else None. Loading or
+        building it counts as this forward's compiling; a model with none stops looking."""
+        if self._aot is None and self._aot_wanted and self.model not in _BROKEN and all(
+                getattr(layer, "is_initialized", False) for layer in self.cache.layers):
+            self._aot, seconds = aot_forward(self.model, [layer.keys for layer in self.cache.layers],
+                                             [layer.values for layer in self.cache.layers], self.cache_argument,
+                                             self.progress)
+            self._aot_wanted = self._aot is not None
+            self._compiled_now = self._compiled_now or seconds > 0
+        return self._aot
 
     def _run(self, bucket: int | None, inputs: dict):
         initialized = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)

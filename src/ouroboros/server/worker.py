@@ -141,10 +141,9 @@ class Engine:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.warm_up = warm_up
         self.ready = threading.Event()
-        """Set once the warm-up generation is done: until then /health answers 503 "warming up"."""
+        """Set once the warm-up generations are done: until then /health answers 503 "warming up"."""
         if not warm_up:
             self.ready.set()
-        self.warm_up_seconds: float | None = None
         self.on_ready = on_ready
         """Called with the warm-up's seconds once ready (the CLI prints it)."""
         self.costs, self.fast = costs, fast
@@ -239,31 +238,31 @@ class Engine:
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _warm_up(self) -> None:
-        """One short generation before the first request, through both models when a draft is used,
-        so that no user pays the fast path's compiling (measured before: the first request after
-        start took 96.7 s, the next 7.8 s). Its runners give their KV buffers back to the pool, and
-        the first request's runners take them, with the graphs compiled for them. Uses a fresh
-        phrase pool and counts in no metric. A failure is logged: requests are then served as
-        they come, compiling where they must."""
+        """Short generations before the first request, through the draft when one is used and then
+        the served method, so that no user pays the fast path's compiling or loading (measured
+        before: the first request after start took 96.7 s, the next 7.8 s). Their runners give their
+        KV buffers back to the pool, and the first request's runners take them, with the graphs made
+        for them. They use fresh phrase pools and count in no metric. A failure is logged: requests
+        are then served as they come, compiling where they must."""
+        if not self.warm_up:
+            return
         start = time.perf_counter()
         try:
-            if self.warm_up:
-                with self.tokenizer_lock:
-                    ids = self.tokenizer(self._warm_up_text(), add_special_tokens=False).input_ids
-                takes_draft = self.draft is not None and get_method(self.method).takes_draft
-                # the draft first (auto may not run it), then the served method itself, as a request would
-                for method in dict.fromkeys(["ouroboros" if takes_draft else self.method, self.method]):
-                    generate(self.target, torch.tensor([ids], device=self.target.device), draft=self.draft,
-                             method=method, max_new_tokens=WARM_UP_TOKENS, config=self.config,
-                             pool=PhrasePool(self.config.level, self.config.pool_size), costs=self.costs,
-                             fast=self.fast)
+            with self.tokenizer_lock:
+                ids = self.tokenizer(self._warm_up_text(), add_special_tokens=False).input_ids
+            takes_draft = self.draft is not None and get_method(self.method).takes_draft
+            # the draft first (auto may not run it), then the served method itself, as a request would
+            for method in dict.fromkeys(["ouroboros" if takes_draft else self.method, self.method]):
+                generate(self.target, torch.tensor([ids], device=self.target.device), draft=self.draft,
+                         method=method, max_new_tokens=WARM_UP_TOKENS, config=self.config,
+                         pool=PhrasePool(self.config.level, self.config.pool_size), costs=self.costs,
+                         fast=self.fast)
         except Exception:
             log.exception("the warm-up generation failed; serving without it")
         finally:
-            self.warm_up_seconds = time.perf_counter() - start
             self.ready.set()
         if self.on_ready is not None:
-            self.on_ready(self.warm_up_seconds)
+            self.on_ready(time.perf_counter() - start)
 
     def _warm_up_text(self) -> str:
         """A chat request's text where the tokenizer has a chat template (a prompt of the length and
