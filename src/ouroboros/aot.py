@@ -5,8 +5,8 @@ the compiled CPU forward beat eager) caches nothing across processes: inductor b
 cache for oneDNN-packed weights ("mkldnn tensors unpickleable") and AOTAutograd refuses frozen graphs,
 so every process compiled again (measured: 84 s for the built-in 1.5B target, 51 s for the draft). An
 AOTInductor package of the same frozen forward loads instead (7.8-9.4 s for the built-in pair's two
-packages, BENCHMARKS.md session 7) and runs at the same speed, its
-logits bit-identical to the in-process graph's.
+packages, BENCHMARKS.md session 7) and runs at the same speed, its logits bit-identical to the
+in-process graph's.
 
 One package per model serves every forward of 2..`MAX_TOKENS` new tokens and every cache capacity
 (both dimensions are dynamic). The KV cache is passed in as inputs that the package writes in place,
