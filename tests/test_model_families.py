@@ -122,3 +122,22 @@ def test_compiled_hybrid_model_is_exact():
         out = generate(target, ids, method="lookahead", max_new_tokens=24, eos_token_id=[], fast=True)
     assert torch.equal(out.sequences, reference(target, ids, 24))
     assert not [w for w in caught if "eager" in str(w.message)]  # no fallback: it really ran compiled
+
+
+def test_the_tree_attention_probe_is_remembered_per_class_and_config(tmp_path, monkeypatch):
+    """The probe runs three whole forwards (every weight read): once a class and config passed on this
+    machine, a new model object of them is not run again; another config is probed."""
+    monkeypatch.setenv("OUROBOROS_COST_CACHE", str(tmp_path))
+    calls = []
+
+    def counted(model):
+        model.register_forward_pre_hook(lambda *args: calls.append(type(model).__name__))
+        return model
+
+    check_tree_attention(counted(tiny_family_model("qwen3", vocab=VOCAB)))
+    assert len(calls) == 3 and (tmp_path / runner_module.VERDICTS).is_file()
+    calls.clear()
+    check_tree_attention(counted(tiny_family_model("qwen3", vocab=VOCAB)))
+    assert calls == []
+    check_tree_attention(counted(tiny_family_model("qwen3", vocab=VOCAB + 1)))
+    assert len(calls) == 3

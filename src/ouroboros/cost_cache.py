@@ -26,13 +26,12 @@ import torch
 from .costs import CostTable, ModelCosts
 from .errors import ConfigError
 from .files import write_json_atomically
-from .model_facts import identity_digest, vocab_size
+from .model_facts import cost_cache_dir, identity_digest, vocab_size
 from .runner import ForwardRecord, ModelRunner
 from .static_runner import make_runner, runner_kind
 from .tree import DraftTree
 
 FORMAT = "ouroboros-costs/1"
-COST_CACHE_ENV = "OUROBOROS_COST_CACHE"
 MEASURED_TOKENS = (1, 2, 4, 8, 16, 32)
 MEASURED_CACHED = (64, 512)
 REPEATS = 3
@@ -44,16 +43,6 @@ DRIFT_MIN_SECONDS = 2.0
 a tiny model's sub-millisecond ones, time mostly noise."""
 _memory: dict[str, ModelCosts] = {}
 _warned: set[str] = set()
-
-
-def cost_cache_dir() -> Path:
-    """``$OUROBOROS_COST_CACHE`` if set, else ``costs/`` in the package's cache directory."""
-    env = os.environ.get(COST_CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    from .default_pair import default_cache_dir
-
-    return default_cache_dir() / "costs"
 
 
 def fingerprint(model) -> str:

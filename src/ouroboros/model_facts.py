@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,20 @@ def text_config(model):
     may be a model or its config."""
     config = getattr(model, "config", model)
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+COST_CACHE_ENV = "OUROBOROS_COST_CACHE"
+
+
+def cost_cache_dir() -> Path:
+    """``$OUROBOROS_COST_CACHE`` if set, else ``costs/`` in the package's cache directory: what was
+    measured of a model on this machine (its forward costs, whether it verifies draft trees)."""
+    env = os.environ.get(COST_CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    from .default_pair import default_cache_dir
+
+    return default_cache_dir() / "costs"
 
 
 def identity_digest(model):

@@ -10,7 +10,9 @@ from the mask: one mask per layer type, each the tree mask cut to the window's b
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import time
 import weakref
 from collections.abc import Sequence
@@ -21,7 +23,8 @@ from transformers import DynamicCache
 
 from .acceptance import StepResult, check_finite, greedy_verify
 from .errors import InvalidArgumentError, UnsupportedModelError
-from .model_facts import text_config
+from .files import write_json_atomically
+from .model_facts import cost_cache_dir, identity_digest, text_config
 from .tree import DraftTree
 
 _TREE_ATTENTION_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -78,6 +81,10 @@ def check_tree_attention(model) -> None:
             f"{name} uses attn_implementation={impl!r}, which ignores a custom 4-D mask; "
             "load it with attn_implementation='sdpa' or 'eager'")
     attention_windows(model)
+    known = _verdict_key(model)
+    if known in _read_verdicts():  # the same class, config and versions passed before on this machine
+        _TREE_ATTENTION_OK[model] = True
+        return
     vocab = int(text_config(model).vocab_size)
     a, b, c = 1 % vocab, 2 % vocab, 3 % vocab
     try:
@@ -96,6 +103,31 @@ def check_tree_attention(model) -> None:
     if not (masked - alone).abs().max() < (masked - causal).abs().max():
         raise UnsupportedModelError(f"{name} ignores a custom 4-D attention mask, so it cannot verify draft trees")
     _TREE_ATTENTION_OK[model] = True
+    with contextlib.suppress(OSError):  # a read-only cache folder only means probing again next time
+        cost_cache_dir().mkdir(parents=True, exist_ok=True)
+        write_json_atomically(cost_cache_dir() / VERDICTS, sorted(_read_verdicts() | {known}))
+
+
+VERDICTS = "tree-attention.json"
+"""Models (class, config, library versions) that passed the tree-attention probe on this machine:
+the probe runs three forwards of the whole model, which would read every weight of a model whose
+forwards otherwise all run through its compiled package (`aot`)."""
+
+
+def _verdict_key(model) -> str:
+    import transformers
+
+    digest = identity_digest(model)
+    digest.update(f"{getattr(model.config, '_attn_implementation', None)} {transformers.__version__} "
+                  f"{torch.__version__}".encode())
+    return digest.hexdigest()[:24]
+
+
+def _read_verdicts() -> set[str]:
+    try:
+        return set(json.loads((cost_cache_dir() / VERDICTS).read_text()))
+    except (OSError, ValueError, TypeError):
+        return set()
 
 
 def _probe(model, tokens, positions, allowed) -> torch.Tensor:
