@@ -3,7 +3,10 @@ processes without compiling, exact, and never reused for another model."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -46,6 +49,17 @@ def test_the_first_use_builds_a_package_per_model(built):
     assert any(record.compiled for record in first.stats.forward_log)
 
 
+def test_building_removes_packages_of_an_older_format_only(monkeypatch, tmp_path):
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+    for name, format in (("old", "ouroboros-aot/1"), ("current", aot.FORMAT), ("foreign", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "key.json").write_text(json.dumps({"format": format}) if format else "not json")
+    target = tiny_model("llama", seed=24, vocab=VOCAB)
+    generate(target, prompt(1), method="vanilla", max_new_tokens=3, eos_token_id=[], fast=True)
+    assert not (tmp_path / "old").exists() and (tmp_path / "current").exists() and (tmp_path / "foreign").exists()
+    assert len(list(tmp_path.glob("*/model.so"))) == 1
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_is_exact_on_the_package(built, method):
     target, draft, _, _ = built
@@ -54,6 +68,22 @@ def test_every_method_is_exact_on_the_package(built, method):
         out = generate(target, ids, draft=draft, method=method, max_new_tokens=30, eos_token_id=[], fast=True)
         assert torch.equal(out.sequences, reference(target, ids, 30)), (method, seed)
         assert out.stats.compile_seconds == 0
+
+
+def test_once_built_the_models_own_forward_is_never_called(built):
+    """With a package on disk the runner lays its cache out from it and runs every forward through
+    it: the model's own weights (mapped lazily from its files) are never read."""
+    target, draft = (copy.deepcopy(model) for model in built[:2])  # new objects: no cache pooled for them yet
+    calls = []
+    hooks = [model.register_forward_pre_hook(lambda *args: calls.append(1)) for model in (target, draft)]
+    try:
+        out = generate(target, prompt(2), draft=draft, method="ouroboros", max_new_tokens=20, eos_token_id=[],
+                       fast=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(out.sequences, reference(target, prompt(2), 20))
+    assert calls == []
 
 
 def test_a_new_process_loads_it_without_compiling(built):
@@ -76,6 +106,32 @@ def test_a_new_process_loads_it_without_compiling(built):
     assert done.returncode == 0, done.stderr
     assert "loaded LlamaForCausalLM's forward" in done.stderr and "compiling" not in done.stderr, done.stderr
     assert float(done.stdout.split()[-1]) < 10  # loading, not building (which took seconds here)
+
+
+def test_the_weights_are_read_in_place_from_the_packages_file(built, tmp_path):
+    """The package holds no copy of the weights: they are views of `constants.bin`, and zeroing that
+    file changes what the package computes."""
+    target, _, folder, _ = built
+    (original,) = [p for p in folder.iterdir() if (p / "key.json").is_file() and json.loads(
+        (p / "key.json").read_text()) == package_key(target)]
+    zeroed = tmp_path / "zeroed"
+    shutil.copytree(original, zeroed)
+    (zeroed / "constants.bin").write_bytes(bytes((zeroed / "constants.bin").stat().st_size))
+    c = target.config
+    shape = (1, c.num_key_value_heads, 64, c.hidden_size // c.num_attention_heads)
+    outputs = []
+    for package in (aot.AotForward(original), aot.AotForward(zeroed)):
+        file = package._weights["(file)"]
+        used = package._runner.extract_constants_map(False).values()  # what the package computes with
+        addresses = [torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr() for t in used if t.numel()]
+        assert any(t.is_mkldnn for t in used) and any(not t.is_mkldnn for t in used)
+        assert all(file.data_ptr() <= a < file.data_ptr() + file.numel() for a in addresses)
+        keys = [torch.zeros(shape) for _ in range(c.num_hidden_layers)]
+        mask = torch.zeros(1, 1, 3, 64)
+        mask[..., 3:] = float("-inf")
+        outputs.append(package(torch.tensor([[5, 6, 7]]), mask, torch.arange(3)[None], 0, keys,
+                               [k.clone() for k in keys], torch.arange(3)))
+    assert outputs[0].abs().sum() > 0 and torch.count_nonzero(outputs[1]) == 0
 
 
 def test_any_changed_weight_or_setting_is_another_package():

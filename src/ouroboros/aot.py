@@ -4,14 +4,16 @@ Why: `torch.compile` with inductor's freezing (the weights prepacked for oneDNN,
 the compiled CPU forward beat eager) caches nothing across processes: inductor bypasses its FX graph
 cache for oneDNN-packed weights ("mkldnn tensors unpickleable") and AOTAutograd refuses frozen graphs,
 so every process compiled again (measured: 84 s for the built-in 1.5B target, 51 s for the draft). An
-AOTInductor package of the same frozen forward loads instead (7.8-9.4 s for the built-in pair's two
-packages, BENCHMARKS.md session 7) and runs at the same speed, its logits bit-identical to the
-in-process graph's.
+AOTInductor package of the same frozen forward is built once instead and loaded by later processes
+in under a second (0.2-0.7 s for the built-in pair, BENCHMARKS.md session 8), running at the same
+speed, its logits bit-identical to the in-process graph's.
 
 One package per model serves every forward of 2..`MAX_TOKENS` new tokens and every cache capacity
 (both dimensions are dynamic). The KV cache is passed in as inputs that the package writes in place,
 so the runner keeps its buffers (rewinding, compacting, growing the cache work as on the static
-runner). The package holds its own prepacked copy of the weights (as the in-process graph does),
+runner). Freezing folds the weights into the graph as prepacked constants: the package keeps them
+apart from its code, in a file mapped in place when it loads (`aot_constants`), so they are neither
+copied nor duplicated in memory, and the model's own weights are not read on this path. A package is
 keyed by a fingerprint of every weight tensor, the dtype, the CPU's instruction set and the torch and
 transformers versions: another model or setting builds its own.
 """
@@ -34,10 +36,11 @@ from pathlib import Path
 import torch
 from transformers import StaticCache
 
+from .aot_constants import DATA, INDEX, load_constants, save_constants
 from .model_facts import identity_digest
 from .runner import attention_windows
 
-FORMAT = "ouroboros-aot/1"
+FORMAT = "ouroboros-aot/2"
 MIN_TOKENS = 2
 MAX_TOKENS = 1024
 """New tokens per compiled forward: a prompt up to this long is prefilled by the package too."""
@@ -89,8 +92,10 @@ class AotForward:
     keep [k]) -> logits [1, k, vocab]` for the `keep` positions; writes the q new keys and values of
     every layer into `keys[i]` / `values[i]` [1, kv_heads, capacity, head_dim] at slots past..past+q."""
 
-    def __init__(self, library: Path):
-        self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1)
+    def __init__(self, folder: Path):
+        self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(folder / "model.so"), 1)
+        self._weights = load_constants(self._runner, folder)
+        """The package's weights, mapped from its folder: the runner reads them, the tensors own them."""
 
     def __call__(self, ids, mask, positions, past: int, keys, values, keep) -> torch.Tensor:
         return self._runner.run([ids, mask, positions, torch.tensor(past), keep, *keys, *values])[0]
@@ -126,16 +131,14 @@ def aot_forward(model, keys: list[torch.Tensor], values: list[torch.Tensor], cac
         if known is not None:
             return None, 0.0
         start = time.perf_counter()
-        key = package_key(model)
-        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        folder = aot_cache_dir() / name
+        folder, key = package_folder(model)
         built = False
         try:
             if not _valid(folder, key):
                 _say(progress, f"compiling {type(model).__name__} into {folder} (once per machine and setting) ...")
                 _build(model, keys, values, cache_argument, folder, key)
                 built = True
-            loaded = AotForward(folder / "model.so")
+            loaded = AotForward(folder)
         except Exception as exc:  # any export or compiler failure: say why, compile in-process instead
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             _LOADED[model] = reason
@@ -148,16 +151,35 @@ def aot_forward(model, keys: list[torch.Tensor], values: list[torch.Tensor], cac
         return loaded, seconds
 
 
+def package_folder(model) -> tuple[Path, dict]:
+    """Where `model`'s package is kept, and the key it must match (`package_key`)."""
+    key = package_key(model)
+    return aot_cache_dir() / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20], key
+
+
+def stored_cache_layout(model) -> tuple[list[int], list[int]] | None:
+    """(key-value heads, head size) per layer of the cache that `model`'s built package was traced on,
+    or None before it is built. A runner lays its cache out from this instead of running a first eager
+    forward, so on the package's path the model's own weights (mapped from disk) are never read."""
+    folder, key = package_folder(model)
+    if not _valid(folder, key):
+        return None
+    layout = json.loads((folder / "cache.json").read_text())
+    return layout["heads"], layout["head_dims"]
+
+
 def _valid(folder: Path, key: dict) -> bool:
     try:
-        return json.loads((folder / "key.json").read_text()) == key and (folder / "model.so").is_file()
+        return json.loads((folder / "key.json").read_text()) == key and all(
+            (folder / name).is_file() for name in ("model.so", "cache.json", DATA, INDEX))
     except (OSError, ValueError):
         return False
 
 
 def _build(model, keys, values, cache_argument: str, folder: Path, key: dict) -> None:
-    """Export the forward with dynamic new tokens and capacity, compile it frozen, and keep the
-    package's shared library in `folder`, written whole or not at all."""
+    """Export the forward with dynamic new tokens and capacity, compile it frozen with its weights
+    apart, and keep the package's shared library and weights (`aot_constants`) in `folder`, written
+    whole or not at all."""
     from torch.export import Dim
 
     module = _CacheForward(model, cache_argument, keys)
@@ -173,18 +195,40 @@ def _build(model, keys, values, cache_argument: str, folder: Path, key: dict) ->
         with torch.no_grad():  # freezing (the weight prepacking) only happens without autograd
             program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
             package = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(work / "model.pt2"), inductor_configs={"freezing": True})
+                program, package_path=str(work / "model.pt2"),
+                inductor_configs={"freezing": True, "aot_inductor.package_constants_in_so": False,
+                                  "aot_inductor.package_constants_on_disk_format": "binary_blob"})
         with zipfile.ZipFile(package) as archive:
-            (library,) = [n for n in archive.namelist() if n.endswith(".so")]
-            with archive.open(library) as src, open(work / "model.so", "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
+            for suffix, name in ((".so", "model.so"), ("_weights.blob", "weights.blob")):
+                (member,) = [n for n in archive.namelist() if n.endswith(suffix)]
+                with archive.open(member) as src, open(work / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
         (work / "model.pt2").unlink()
+        runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(work / "model.so"), 1)
+        runner.update_constant_buffer_from_blob(str(work / "weights.blob"))  # the packed weights, as tensors
+        save_constants(runner, work)
+        del runner
+        (work / "weights.blob").unlink()
+        (work / "cache.json").write_text(json.dumps({"heads": [k.shape[1] for k in keys],
+                                                     "head_dims": [k.shape[-1] for k in keys]}))
         (work / "key.json").write_text(json.dumps(key, indent=1))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(work, folder)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    _remove_outdated(folder.parent)
+
+
+def _remove_outdated(parent: Path) -> None:
+    """Delete packages of an older format (gigabytes each, never loaded again); others stay."""
+    for key_file in parent.glob("*/key.json"):
+        try:
+            outdated = json.loads(key_file.read_text()).get("format") != FORMAT
+        except (OSError, ValueError, AttributeError):
+            continue
+        if outdated:
+            shutil.rmtree(key_file.parent, ignore_errors=True)
 
 
 def _say(progress: bool, message: str) -> None:

@@ -33,7 +33,7 @@ from transformers import StaticCache
 
 from .aot import MAX_TOKENS as AOT_MAX_TOKENS
 from .aot import MIN_TOKENS as AOT_MIN_TOKENS
-from .aot import aot_blocker, aot_forward
+from .aot import aot_blocker, aot_forward, stored_cache_layout
 from .errors import UnsupportedModelError
 from .model_facts import text_config
 from .runner import (
@@ -159,10 +159,16 @@ class StaticRunner(ForwardLog):
 
     def _package(self):
         """The model's AOTInductor package (`aot.AotForward`) when this runner compiles on the CPU,
-        once its cache buffers exist (the first forward fills them eagerly), else None. Loading or
-        building it counts as this forward's compiling; a model with none stops looking."""
-        if self._aot is None and self._aot_wanted and self.model not in _BROKEN and all(
-                getattr(layer, "is_initialized", False) for layer in self.cache.layers):
+        else None. A built one is loaded at once, the cache laid out as it was traced; to build one,
+        the first forward runs eagerly to lay the cache out. Loading or building counts as this
+        forward's compiling; a model with none stops looking."""
+        if self._aot is None and self._aot_wanted and self.model not in _BROKEN:
+            if not _initialized(self.cache):
+                layout = stored_cache_layout(self.model)
+                if layout is None:  # not built yet: the first forward runs eagerly and lays the cache out
+                    return None
+                self.cache.early_initialization(1, *layout, self.dtype, self.device)
+                _guard_buffers(self.cache)
             self._aot, seconds = aot_forward(self.model, [layer.keys for layer in self.cache.layers],
                                              [layer.values for layer in self.cache.layers], self.cache_argument,
                                              self.progress)
@@ -171,7 +177,7 @@ class StaticRunner(ForwardLog):
         return self._aot
 
     def _run(self, bucket: int | None, inputs: dict):
-        initialized = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
+        initialized = _initialized(self.cache)
         if bucket is None or not initialized or not self._compiled():
             out = self.model(**inputs)
             if not initialized:
@@ -346,6 +352,11 @@ def _call_compiled(model, device_type: str, inputs: dict, dynamic: tuple[int, in
         return _COMPILED[key](model, **inputs)
     with torch._inductor.config.patch(freezing=True):
         return _COMPILED[key](model, **inputs)
+
+
+def _initialized(cache: StaticCache) -> bool:
+    """Whether the cache's buffers exist (a static cache allocates them on its first update)."""
+    return all(getattr(layer, "is_initialized", False) for layer in cache.layers)
 
 
 def _guard_buffers(cache: StaticCache) -> None:
