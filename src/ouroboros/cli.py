@@ -53,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if get_method(args.method).needs_costs:  # read here, so that a first measurement is announced and timed apart
         from .cost_cache import cost_table
 
-        costs = cost_table(target, draft, fast=generate_fast(args), progress=True)
+        costs = cost_table(target, draft, fast=fast_from_args(args), progress=True)
         if costs.meta["measure_seconds"]:
             print(f"ouroboros: forward costs measured in {costs.meta['measure_seconds']:.1f} s (once per machine "
                   "and setting; not counted below)", file=sys.stderr)
@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = generate(target, input_ids, draft=draft, method=args.method, max_new_tokens=args.max_new_tokens,
                        config=config, streamer=streamer, do_sample=args.temperature > 0,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       seed=args.seed, costs=costs, fast=generate_fast(args))
+                       seed=args.seed, costs=costs, fast=fast_from_args(args))
     except KeyboardInterrupt:
         streamer.end()
         seconds = time.perf_counter() - start
@@ -86,13 +86,6 @@ def summary_line(method: str, stats) -> str:
     if stats.compile_seconds:
         line += f"; compiling or loading the fast path took {stats.compile_seconds:.1f} s more (not counted)"
     return line
-
-
-def generate_fast(args: argparse.Namespace) -> bool:
-    """`generate` runs once per process, so it stays eager unless given --fast: even loading the
-    fast path's packages from disk costs more than they save on one answer (built-in pair, 128
-    tokens: 21.6 s wall against 16.2 s eager, of which 7.8 s loading; BENCHMARKS.md session 7)."""
-    return fast_from_args(args) is True
 
 
 def counting_streamer(tokenizer):
