@@ -89,6 +89,10 @@ class PhrasePool:
         seen = (phrase for phrase, times in reversed(bucket.items()) if times >= min_seen)
         return [phrase for phrase, _ in zip(seen, range(count))]
 
+    def seen(self, key: int, phrase: Sequence[int]) -> int:
+        """How many times `phrase` was inserted after `key` since it entered the pool (0: not there)."""
+        return self._phrases.get(key, {}).get(tuple(phrase), 0)
+
     def insert_ngrams(self, tokens: Sequence[int], start: int = 0) -> None:
         """Insert every n-gram of `tokens` whose key is at index >= start (context phrases)."""
         n = self.level

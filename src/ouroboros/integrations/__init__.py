@@ -1,0 +1,1 @@
+"""Ouroboros's drafting inside other engines (optional: each needs that engine installed)."""
