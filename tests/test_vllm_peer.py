@@ -42,7 +42,8 @@ class LLM:
             raise RuntimeError("stand-in engine refused to start")
         print("stand-in vLLM log line on stdout")  # must not reach the protocol
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-        draft = (speculative_config or {}).get("model")
+        speculation = speculative_config or {}
+        draft = speculation.get("model") if speculation.get("method") == "draft_model" else None
         self.draft = AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32).eval() if draft else None
 
     def generate(self, prompts, params, use_tqdm):

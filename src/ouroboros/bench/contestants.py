@@ -31,7 +31,7 @@ class Method:
     fast: bool | None = None
     """Overrides the run's runner choice (e.g. vanilla_eager: plain decoding on the eager runner)."""
     peer: str | None = None
-    """Another engine, run in its own process (`vllm_peer`): "vllm" or "vllm_draft"."""
+    """Another engine, run in its own process (`vllm_peer`): one of `PEERS`."""
     sequential: bool = False
     """With --batch N > 1: the group's prompts one after another (what a serial server delivers),
     beside the same method batched."""
@@ -82,8 +82,9 @@ SEQUENTIAL_METHODS = ("hf_vanilla", "vanilla", "ouroboros")
 """Those with a `<name>_sequential` contestant: with --batch N > 1, the group run one prompt at a time."""
 SEQUENTIAL_PARTNERS = ("vanilla", "ouroboros")
 """With --batch N > 1 these bring their sequential contestant along, for the batched/sequential ratio."""
-PEERS = ("vllm", "vllm_draft")
-"""vLLM plain and with the draft model, when a Python with vLLM is available (`vllm_peer`)."""
+PEERS = ("vllm", "vllm_draft", "vllm_ngram", "vllm_ouroboros")
+"""vLLM plain, with the draft model, with its n-gram proposer and with this project's phrase
+proposer (`ouroboros.integrations.vllm`), when a Python with vLLM is available (`vllm_peer`)."""
 ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES) + (
     "ouroboros_classic",)
 """The ablation: every switch off in turn, and `ouroboros_classic` with all the adaptive ones

@@ -20,6 +20,13 @@ from ..errors import InvalidArgumentError, OuroborosError
 WORKER = Path(__file__).with_name("vllm_worker.py")
 DEFAULT_SPECULATIVE_TOKENS = 4
 """vLLM's draft length: k=4 is what the issue's vLLM measurement used on this kind of machine."""
+SPECULATION = {"vllm": None, "vllm_draft": "draft_model", "vllm_ngram": "ngram", "vllm_ouroboros": "custom_class"}
+"""Each vLLM contestant's speculative method (None: plain decoding)."""
+PROPOSER = "ouroboros.integrations.vllm.OuroborosProposer"
+"""vllm_ouroboros's `custom_class` proposer; the worker gets this package on its PYTHONPATH for it."""
+NGRAM_MATCH = (2, 5)
+"""vllm_ngram's prompt_lookup_min and _max: the own-context rule the Ouroboros proposer uses too
+(vLLM's defaults, 5 and 5, find fewer matches)."""
 
 
 class VllmError(OuroborosError):
@@ -41,13 +48,17 @@ class VllmSettings:
     target: str
     """Model directory (vLLM loads weights itself)."""
     draft: str | None
-    """None: plain vLLM; else speculative decoding with this draft model."""
+    """The draft model's directory, for method "draft_model"."""
     dtype: str
     max_model_len: int
     threads: int
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS
     kv_cache_gb: int = 1
     enforce_eager: bool = False
+    method: str | None = None
+    """vLLM's speculative method (`SPECULATION`); None: plain decoding."""
+    ngram_match: tuple[int, int] = NGRAM_MATCH
+    proposer: str = PROPOSER
 
 
 class VllmPeer:
@@ -59,12 +70,14 @@ class VllmPeer:
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{settings.threads - 1}",
                    VLLM_CPU_KVCACHE_SPACE=str(settings.kv_cache_gb), HF_HUB_OFFLINE="1",
                    VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
-        env.pop("PYTHONPATH", None)  # the worker imports only vLLM and the standard library
+        env.pop("PYTHONPATH", None)  # the worker imports only vLLM and the standard library ...
+        if settings.method == "custom_class":  # ... and vLLM's engine this package's proposer, alone
+            env["PYTHONPATH"] = str(_package_alone(log_path.parent / "vllm-proposer-path"))
         openmp = Path(settings.python).parent.parent / "lib" / "libiomp5.so"
         if openmp.exists():  # vLLM's CPU guide: Intel OpenMP preloaded, else speculation is much slower
             env["LD_PRELOAD"] = " ".join(filter(None, [str(openmp), env.get("LD_PRELOAD")]))
         if progress:
-            what = "with draft" if settings.draft else "plain"
+            what = settings.method or "plain"
             print(f"ouroboros bench: starting vLLM ({what}) in {settings.python}; log: {log_path}",
                   file=sys.stderr, flush=True)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +128,16 @@ class VllmPeer:
         self._log.close()
 
 
+def _package_alone(folder: Path) -> Path:
+    """`folder` holding only a link to this package: a path entry for another Python that must not
+    see this environment's other packages (its torch, its transformers)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "ouroboros"
+    if not link.is_symlink():
+        link.symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+    return folder
+
+
 @contextlib.contextmanager
 def started_peers(names: list[str], python: str | None, target: str, draft: str | None, *, dtype: str,
                   max_model_len: int, threads: int, speculative_tokens: int, log_dir: Path):
@@ -127,7 +150,7 @@ def started_peers(names: list[str], python: str | None, target: str, draft: str 
     try:
         for name in names:
             settings = VllmSettings(python, target, draft if name == "vllm_draft" else None, dtype, max_model_len,
-                                    threads, speculative_tokens)
+                                    threads, speculative_tokens, method=SPECULATION[name])
             peers[name] = VllmPeer(settings, log_dir / f"{name}.log")
         yield peers
     finally:
@@ -138,6 +161,7 @@ def started_peers(names: list[str], python: str | None, target: str, draft: str 
 def peer_settings(peers: dict) -> dict:
     """What results.json records of each peer: version, settings and startup time."""
     return {name: {"version": peer.version, "startup_seconds": peer.startup_seconds, "python": peer.settings.python,
-                   "num_speculative_tokens": peer.settings.num_speculative_tokens if peer.settings.draft else None,
+                   "num_speculative_tokens": peer.settings.num_speculative_tokens if peer.settings.method else None,
+                   "speculative_method": peer.settings.method,
                    "kv_cache_gb": peer.settings.kv_cache_gb, "max_model_len": peer.settings.max_model_len}
             for name, peer in peers.items()}

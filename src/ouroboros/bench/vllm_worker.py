@@ -25,9 +25,16 @@ def serve(settings: dict, requests, replies) -> None:
 
     engine = dict(model=settings["target"], dtype=settings["dtype"], max_model_len=settings["max_model_len"],
                   enforce_eager=settings.get("enforce_eager", False), seed=0)
-    if settings.get("draft"):
-        engine["speculative_config"] = {"method": "draft_model", "model": settings["draft"],
-                                        "num_speculative_tokens": settings["num_speculative_tokens"]}
+    method = settings.get("method")
+    if method:
+        speculation = {"method": method, "num_speculative_tokens": settings["num_speculative_tokens"]}
+        if method == "draft_model":
+            speculation["model"] = settings["draft"]
+        elif method == "ngram":
+            speculation["prompt_lookup_min"], speculation["prompt_lookup_max"] = settings["ngram_match"]
+        elif method == "custom_class":
+            speculation["model"] = settings["proposer"]
+        engine["speculative_config"] = speculation
     start = time.perf_counter()
     llm = LLM(**engine)
     _reply(replies, {"ready": True, "startup_seconds": round(time.perf_counter() - start, 1),
