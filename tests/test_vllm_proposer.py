@@ -209,12 +209,14 @@ VLLM_RUN = """
 import json, sys
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
-target, prompts, speculation = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-llm = LLM(model=target, dtype="float32", max_model_len=256, seed=0, enforce_eager=True,
-          speculative_config=speculation or None)
-params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, detokenize=False)
-outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]))
+if __name__ == "__main__":
+    target, prompts, speculation = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    llm = LLM(model=target, dtype="float32", max_model_len=256, seed=0, enforce_eager=True,
+              disable_log_stats=False, speculative_config=speculation or None)
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    accepted = sum(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
+    print("RESULT " + json.dumps({"rows": [list(o.outputs[0].token_ids) for o in outputs], "accepted": accepted}))
 """
 
 
@@ -222,11 +224,14 @@ print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]))
                     reason="set OUROBOROS_VLLM_PYTHON to a Python with vLLM (scripts/setup_vllm.sh makes one)")
 def test_inside_real_vllm_greedy_output_is_vllms_own(tmp_path):
     """vLLM with the proposer gives the tokens vLLM gives without speculation (4 prompts together)."""
-    from tiny_models import save_tiny_pair
+    from tiny_models import tiny_model, tiny_tokenizer
 
     from ouroboros.bench.vllm_peer import PROPOSER, _package_alone
 
-    target, _ = save_tiny_pair(tmp_path)
+    tokenizer, target = tiny_tokenizer(), tmp_path / "target"
+    model = tiny_model("qwen2", seed=0, vocab=len(tokenizer), hidden=256)  # head size 64: vLLM's CPU attention
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
     prompts = [[5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12], [20, 21, 22, 23, 24], [30, 31, 30, 31, 30]]
     env = dict(os.environ, PYTHONPATH=str(_package_alone(tmp_path / "path")), VLLM_CPU_KVCACHE_SPACE="1",
                HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
@@ -238,6 +243,7 @@ def test_inside_real_vllm_greedy_output_is_vllms_own(tmp_path):
         (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         results.append(json.loads(line.removeprefix("RESULT ")))
         if speculation:
-            assert "Loaded custom proposer class 'ouroboros.integrations.vllm.OuroborosProposer'" in done.stderr
+            assert "Loaded custom proposer class 'ouroboros.integrations.vllm.OuroborosProposer'" in done.stdout + done.stderr
     plain, speculated = results
-    assert speculated == plain and all(len(row) == 32 for row in plain)
+    assert speculated["rows"] == plain["rows"] and all(len(row) == 32 for row in plain["rows"])
+    assert speculated["accepted"] > 0  # the proposer's drafts were verified and taken, not just empty
