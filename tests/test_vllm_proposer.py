@@ -243,7 +243,7 @@ def test_inside_real_vllm_greedy_output_is_vllms_own(tmp_path):
         (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         results.append(json.loads(line.removeprefix("RESULT ")))
         if speculation:
-            assert "Loaded custom proposer class 'ouroboros.integrations.vllm.OuroborosProposer'" in done.stdout + done.stderr
+            assert f"Loaded custom proposer class '{PROPOSER}'" in done.stdout + done.stderr
     plain, speculated = results
     assert speculated["rows"] == plain["rows"] and all(len(row) == 32 for row in plain["rows"])
     assert speculated["accepted"] > 0  # the proposer's drafts were verified and taken, not just empty
