@@ -247,3 +247,16 @@ def test_inside_real_vllm_greedy_output_is_vllms_own(tmp_path):
     plain, speculated = results
     assert speculated["rows"] == plain["rows"] and all(len(row) == 32 for row in plain["rows"])
     assert speculated["accepted"] > 0  # the proposer's drafts were verified and taken, not just empty
+
+
+def test_under_load_only_strong_evidence_is_drafted(monkeypatch):
+    """With more rows than the step budget gives k tokens each, a 2-token match or a phrase learned
+    once is no longer drafted; a 3-token match still is."""
+    monkeypatch.setenv(BUDGET_ENV, "8")
+    proposer = OuroborosProposer(vllm_config(k=4))
+    batch = Batch(rows=8)
+    weak, strong = [5, 6, 1, 2, 9, 7, 8, 1, 2], [5, 6, 1, 2, 3, 9, 7, 8, 1, 2, 3]
+    batch.put(0, weak)
+    batch.put(1, strong)
+    assert batch.call(proposer, [[2], [3]]) == [[9, 7, 8, 1], [9, 7, 8, 1]]  # two rows: 4 tokens each
+    assert batch.call(proposer, [[2], [3]] + [[4]] * 6)[:2] == [[], [9]]  # eight rows: 1 token each, if strong

@@ -9,7 +9,8 @@ no draft model runs here: Jacobi drafting and phrase branches stay in this proje
 Each row's draft comes from (a) the longest earlier match of the row's last 2-5 tokens in its own
 context (prompt lookup, as vLLM's `ngram`), continued or replaced by (b) phrases of a pool shared by
 every request and learned from every request's verified output, chained while they match. The number
-of drafted tokens per row shrinks as more rows run (`DraftSettings.step_budget`).
+of drafted tokens per row shrinks as more rows run (`DraftSettings.step_budget`), and with it the
+evidence asked for rises (a longer match, a phrase learned twice).
 
 What identifies a request: nothing. No state is kept per request or per row: each call reads a
 row's whole context (`token_ids_cpu[i, :num_tokens_no_spec[i]]`, its prompt and verified output)
@@ -75,24 +76,26 @@ class PhraseChainDrafter:
         if new > 0:
             self.pool.insert_ngrams(tokens[max(0, n - new - level + 1):].tolist())
 
-    def draft(self, tokens: np.ndarray, room: int) -> list[int]:
-        """Up to `room` tokens to follow `tokens` [n]: the own-context match, then pool phrases."""
-        drafted = context_match(tokens, self.settings.min_match, self.settings.max_match, room)
+    def draft(self, tokens: np.ndarray, room: int, strict: bool = False) -> list[int]:
+        """Up to `room` tokens to follow `tokens` [n]: the own-context match, then pool phrases.
+        `strict` (under load, when a wrong token costs every row's verification more): only matches
+        one token longer than usual and phrases learned at least twice."""
+        drafted = context_match(tokens, self.settings.min_match + strict, self.settings.max_match, room)
         tail = tokens[-self.pool.level:].tolist()
         while len(drafted) < room:
-            phrase = self.pool_continuation(tail + drafted)
+            phrase = self.pool_continuation(tail + drafted, min_seen=1 + strict)
             if not phrase:
                 break
             drafted += phrase[:room - len(drafted)]
         return drafted
 
-    def pool_continuation(self, tail: Sequence[int]) -> list[int]:
-        """What the pool says follows `tail`: among phrases whose key and first tokens match the last
-        m tokens of `tail` (m from level - 1 down to pool_match), the most often learned, newest on
-        ties; the rest of that phrase."""
+    def pool_continuation(self, tail: Sequence[int], min_seen: int = 1) -> list[int]:
+        """What the pool says follows `tail`: among phrases learned `min_seen` times or more whose key
+        and first tokens match the last m tokens of `tail` (m from level - 1 down to pool_match), the
+        most often learned, newest on ties; the rest of that phrase."""
         for m in range(min(self.pool.level - 1, len(tail)), self.settings.pool_match - 1, -1):
             key, prefix = tail[-m], tuple(tail[len(tail) - m + 1:])
-            matching = [p for p in self.pool.lookup(key, self.pool.capacity) if p[:m - 1] == prefix]
+            matching = [p for p in self.pool.lookup(key, self.pool.capacity, min_seen) if p[:m - 1] == prefix]
             if matching:
                 return list(max(matching, key=lambda p: self.pool.seen(key, p))[m - 1:])
         return []
@@ -144,7 +147,7 @@ class OuroborosProposer:
             self.drafter.learn(tokens, len(sampled_token_ids[i]))
             room = min(per_row, self.max_model_len - n)
             if room > 0:
-                drafts[i] = self.drafter.draft(tokens, room)
+                drafts[i] = self.drafter.draft(tokens, room, strict=per_row < self.drafter.settings.k)
         self.steps += 1
         if self.pool_path and self.steps % SAVE_EVERY == 0:
             self.save()
