@@ -157,3 +157,19 @@ def test_a_package_that_does_not_build_falls_back_to_compiling_in_process(monkey
     assert any("the C++ compiler is missing" in str(w.message) for w in caught)
     assert torch.equal(out.sequences, reference(target, prompt(1), 12))
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_the_default_path_stays_eager_where_building_could_run_out_of_memory(monkeypatch, tmp_path):
+    """fast=None builds a missing package only with free memory for it; --fast (True) still builds."""
+    from ouroboros.static_runner import compile_not_worth
+
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    model = tiny_model("llama", seed=25, vocab=VOCAB).to(torch.bfloat16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(aot, "_available_memory", lambda: 4 * weights)
+    assert "GB of free memory" in compile_not_worth(model)
+    monkeypatch.setattr(aot, "_available_memory", lambda: 6 * weights)
+    assert compile_not_worth(model) is None
+    monkeypatch.setattr(aot, "_available_memory", lambda: None)  # not Linux: nothing to go by
+    assert compile_not_worth(model) is None

@@ -33,7 +33,7 @@ from transformers import StaticCache
 
 from .aot import MAX_TOKENS as AOT_MAX_TOKENS
 from .aot import MIN_TOKENS as AOT_MIN_TOKENS
-from .aot import aot_blocker, aot_forward, stored_cache_layout
+from .aot import aot_blocker, aot_forward, build_memory_shortfall, stored_cache_layout
 from .errors import UnsupportedModelError
 from .model_facts import text_config
 from .runner import (
@@ -282,6 +282,8 @@ def compile_not_worth(model) -> str | None:
     capability = torch.backends.cpu.get_cpu_capability()
     if not capability.startswith("AVX512") and "AMX" not in capability:
         return f"this CPU ({capability}) has no AVX-512: compiled forwards were not measured faster here"
+    if aot_blocker(model) is None and stored_cache_layout(model) is None:  # its package would be built now
+        return build_memory_shortfall(model)
     return None
 
 
