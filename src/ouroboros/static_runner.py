@@ -283,7 +283,10 @@ def compile_not_worth(model) -> str | None:
     if not capability.startswith("AVX512") and "AMX" not in capability:
         return f"this CPU ({capability}) has no AVX-512: compiled forwards were not measured faster here"
     if aot_blocker(model) is None and stored_cache_layout(model) is None:  # its package would be built now
-        return build_memory_shortfall(model)
+        shortfall = build_memory_shortfall(model)
+        if shortfall:  # said, not only logged: the user gets the slower runner and should know why
+            warnings.warn(f"{type(model).__name__} runs eagerly: {shortfall}", stacklevel=3)
+        return shortfall
     return None
 
 
