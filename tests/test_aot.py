@@ -121,7 +121,7 @@ def test_the_weights_are_read_in_place_from_the_packages_file(built, tmp_path):
     shape = (1, c.num_key_value_heads, 64, c.hidden_size // c.num_attention_heads)
     outputs = []
     for package in (aot.AotForward(original), aot.AotForward(zeroed)):
-        file = package._weights["(file)"]
+        file = package._file
         used = package._runner.extract_constants_map(False).values()  # what the package computes with
         addresses = [torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr() for t in used if t.numel()]
         assert any(t.is_mkldnn for t in used) and any(not t.is_mkldnn for t in used)

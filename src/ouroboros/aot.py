@@ -13,7 +13,8 @@ One package per model serves every forward of 2..`MAX_TOKENS` new tokens and eve
 so the runner keeps its buffers (rewinding, compacting, growing the cache work as on the static
 runner). Freezing folds the weights into the graph as prepacked constants: the package keeps them
 apart from its code, in a file mapped in place when it loads (`aot_constants`), so they are neither
-copied nor duplicated in memory, and the model's own weights are not read on this path. A package is
+copied nor duplicated in memory, and the model's own weights are not read on this path (prompts up
+to `MAX_TOKENS`; a longer one is prefilled eagerly). A package is
 keyed by a fingerprint of every weight tensor, the dtype, the CPU's instruction set and the torch and
 transformers versions: another model or setting builds its own.
 """
@@ -121,8 +122,9 @@ class AotForward:
 
     def __init__(self, folder: Path):
         self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(folder / "model.so"), 1)
-        self._weights = load_constants(self._runner, folder)
-        """The package's weights, mapped from its folder: the runner reads them, the tensors own them."""
+        self._file, self._weights = load_constants(self._runner, folder)
+        """The package's weights file, mapped, and the weights over it: the runner reads them, these
+        references keep them alive."""
 
     def __call__(self, ids, mask, positions, past: int, keys, values, keep) -> torch.Tensor:
         return self._runner.run([ids, mask, positions, torch.tensor(past), keep, *keys, *values])[0]

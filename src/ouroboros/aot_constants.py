@@ -56,9 +56,10 @@ def save_constants(runner, folder: Path) -> None:
     (folder / INDEX).write_text(json.dumps(index))
 
 
-def load_constants(runner, folder: Path) -> dict[str, torch.Tensor]:
+def load_constants(runner, folder: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Give `runner` (a package built without its weights) the weights in `folder`, mapped in place;
-    returns them: the caller keeps them alive as long as the runner (it does not own them)."""
+    returns the mapped file [bytes] and the weights by name: the caller keeps them alive as long as
+    the runner (it does not own them)."""
     index = json.loads((folder / INDEX).read_text())
     size = (folder / DATA).stat().st_size
     blob = torch.from_file(str(folder / DATA), shared=False, size=size, dtype=torch.uint8)
@@ -71,8 +72,7 @@ def load_constants(runner, folder: Path) -> dict[str, torch.Tensor]:
             tensors[entry["name"]] = elements.as_strided(
                 entry["shape"], entry["stride"], entry["offset"] // elements.element_size() + entry["storage_offset"])
     runner.update_constant_buffer(tensors, False, True, True)  # not inactive, every one, user-managed
-    tensors["(file)"] = blob
-    return tensors
+    return blob, tensors
 
 
 def _onednn_tensor(address: int, entry: dict) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _onednn_tensor(address: int, entry: dict) -> torch.Tensor:
     shim = _shim()
     ndim = len(entry["shape"])
     sizes = (ctypes.c_int64 * ndim)(*entry["shape"])
-    strides = (ctypes.c_int64 * ndim)(*_contiguous_strides(entry["shape"]))
+    strides = (ctypes.c_int64 * ndim)(*torch.empty(entry["shape"], device="meta").stride())
     layout = (ctypes.c_uint8 * len(entry["onednn_layout"]))(*entry["onednn_layout"])
     handle = ctypes.c_void_p()
     dtype = getattr(shim, f"aoti_torch_dtype_{entry['dtype']}")()
@@ -89,17 +89,15 @@ def _onednn_tensor(address: int, entry: dict) -> torch.Tensor:
         shim.aoti_torch_layout__mkldnn(), layout, len(entry["onednn_layout"]))
     if error:
         raise RuntimeError(f"torch could not map the packed weight {entry['name']} (error {error})")
+    return torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(_capsule()(handle.value, None, None))
+
+
+@functools.cache
+def _capsule():
+    """Python's PyCapsule_New, typed: torch takes a tensor handle wrapped in a capsule."""
     capsule = ctypes.pythonapi.PyCapsule_New
     capsule.restype, capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-    return torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(capsule(handle.value, None, None))
-
-
-def _contiguous_strides(shape: list[int]) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return strides[::-1]
+    return capsule
 
 
 @functools.cache

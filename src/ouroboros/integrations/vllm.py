@@ -32,8 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..pool import PhrasePool
+from ..proposers.prompt_lookup import suffix_matches
 
 POOL_ENV = "OUROBOROS_VLLM_POOL"
 BUDGET_ENV = "OUROBOROS_VLLM_STEP_BUDGET"
@@ -103,15 +105,13 @@ class PhraseChainDrafter:
 
 def context_match(tokens: np.ndarray, shortest: int, longest: int, room: int) -> list[int]:
     """Up to `room` tokens that followed the latest earlier occurrence of the longest suffix of
-    `tokens` [n] between `shortest` and `longest` tokens long; [] if there is none."""
-    n = len(tokens)
-    for m in range(min(longest, n - 1), shortest - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:n - 1], m)  # [n - m, m], each ends before n - 1
-        hits = np.flatnonzero((windows == tokens[n - m:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + m
-            return tokens[start:start + room].tolist()
-    return []
+    `tokens` [n] between `shortest` and `longest` tokens long (`prompt_lookup.suffix_matches`);
+    [] if there is none."""
+    matched, ends = suffix_matches(torch.from_numpy(np.ascontiguousarray(tokens)), longest)
+    if matched < shortest:
+        return []
+    start = int(ends[-1])
+    return tokens[start:start + room].tolist()
 
 
 class OuroborosProposer:
