@@ -8,14 +8,15 @@ AOTInductor package of the same frozen forward is built once instead and loaded 
 in under a second (0.2-0.7 s for the built-in pair, BENCHMARKS.md session 8), running at the same
 speed, its logits bit-identical to the in-process graph's.
 
-One package per model serves every forward of 2..`MAX_TOKENS` new tokens and every cache capacity
-(both dimensions are dynamic). The KV cache is passed in as inputs that the package writes in place,
-so the runner keeps its buffers (rewinding, compacting, growing the cache work as on the static
-runner). Freezing folds the weights into the graph as prepacked constants: the package keeps them
-apart from its code, in a file mapped in place when it loads (`aot_constants`), so they are neither
-copied nor duplicated in memory, and the model's own weights are not read on this path (prompts up
-to `MAX_TOKENS`; a longer one is prefilled eagerly). A package is
-keyed by a fingerprint of every weight tensor, the dtype, the CPU's instruction set and the torch and
+One package per model serves every forward of 1..`MAX_ROWS` rows, 2..`MAX_TOKENS` new tokens and
+every cache capacity (the three dimensions are dynamic): the single-stream and the batch runners.
+The KV cache is passed in as inputs that the package writes in place, so the runner keeps its
+buffers (rewinding, compacting, growing the cache work as on the static runner). Freezing folds the
+weights into the graph as prepacked constants: the package keeps them apart from its code, in a file
+mapped in place when it loads (`aot_constants`), so they are neither copied nor duplicated in memory,
+and the model's own weights are not read on this path (prompts up to `MAX_TOKENS`; a longer one is
+prefilled eagerly by the single-stream runner, in chunks by the batch runner). A package is keyed by
+a fingerprint of every weight tensor, the dtype, the CPU's instruction set and the torch and
 transformers versions: another model or setting builds its own.
 """
 
@@ -35,18 +36,20 @@ import zipfile
 from pathlib import Path
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 from .aot_constants import DATA, INDEX, load_constants, save_constants
 from .model_facts import identity_digest
-from .runner import attention_windows
+from .runner import _cache_argument, attention_windows
 
-FORMAT = "ouroboros-aot/2"
+FORMAT = "ouroboros-aot/4"
 MIN_TOKENS = 2
 MAX_TOKENS = 1024
 """New tokens per compiled forward: a prompt up to this long is prefilled by the package too."""
 MIN_CAPACITY = 16
 MAX_CAPACITY = 32768
+MAX_ROWS = 64
+"""Rows per compiled forward (the batch dimension is dynamic: one package serves 1..MAX_ROWS)."""
 CACHE_ENV = "OUROBOROS_COMPILED_CACHE"
 
 BUILD_MEMORY_FACTOR = 5
@@ -116,9 +119,10 @@ def package_key(model) -> dict:
 
 
 class AotForward:
-    """A loaded package: `(ids [1, q], mask [1, 1, q, capacity], positions [1, q], past, keys, values,
-    keep [k]) -> logits [1, k, vocab]` for the `keep` positions; writes the q new keys and values of
-    every layer into `keys[i]` / `values[i]` [1, kv_heads, capacity, head_dim] at slots past..past+q."""
+    """A loaded package: `(ids [rows, q], mask [rows, 1, q, capacity], positions [rows, q], past, keys,
+    values, keep [k]) -> logits [rows, k, vocab]` for the `keep` positions; writes the q new keys and
+    values of every layer into `keys[i]` / `values[i]` [rows, kv_heads, capacity, head_dim] at slots
+    past..past+q of every row."""
 
     def __init__(self, folder: Path):
         self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(folder / "model.so"), 1)
@@ -180,6 +184,23 @@ def aot_forward(model, keys: list[torch.Tensor], values: list[torch.Tensor], cac
         return loaded, seconds
 
 
+def model_package(model, progress: bool = True) -> tuple[AotForward | None, tuple[list[int], list[int]], float]:
+    """(the model's package or None, the cache layout (heads, head dims per layer) it was traced on,
+    seconds spent loading or building it now), for a runner that keeps its own buffers. Where none is
+    built yet, one eager forward of two tokens lays a cache out to build it from."""
+    layout = stored_cache_layout(model)
+    if layout is None:
+        cache = DynamicCache()
+        with torch.inference_mode():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device),
+                  use_cache=True, **{_cache_argument(model): cache})
+        layout = ([layer.keys.shape[1] for layer in cache.layers], [layer.keys.shape[-1] for layer in cache.layers])
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    keys = [torch.zeros(1, h, MIN_CAPACITY, d, dtype=dtype, device=device) for h, d in zip(*layout)]
+    package, seconds = aot_forward(model, keys, [k.clone() for k in keys], _cache_argument(model), progress)
+    return package, layout, seconds
+
+
 def package_folder(model) -> tuple[Path, dict]:
     """Where `model`'s package is kept, and the key it must match (`package_key`)."""
     key = package_key(model)
@@ -213,11 +234,14 @@ def _build(model, keys, values, cache_argument: str, folder: Path, key: dict) ->
 
     module = _CacheForward(model, cache_argument, keys)
     q, capacity = Dim("q", min=MIN_TOKENS, max=MAX_TOKENS), Dim("capacity", min=MIN_CAPACITY, max=MAX_CAPACITY)
-    kept = Dim("kept", min=1, max=MAX_TOKENS)
+    kept, rows = Dim("kept", min=1, max=MAX_TOKENS), Dim("rows", min=1, max=MAX_ROWS)
     layers = len(keys)
-    example = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 1, 4, keys[0].shape[2], dtype=keys[0].dtype),
-               torch.arange(4)[None], torch.tensor(0), torch.arange(4), list(keys), list(values))
-    shapes = ({1: q}, {2: q, 3: capacity}, {1: q}, None, {0: kept}, [{2: capacity}] * layers, [{2: capacity}] * layers)
+    # Every example is a tensor of its own (no expanded views): the package assumes its inputs' strides.
+    example = (torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 1, 4, keys[0].shape[2], dtype=keys[0].dtype),
+               torch.arange(8).reshape(2, 4), torch.tensor(0), torch.arange(4),
+               [k.expand(2, -1, -1, -1).clone() for k in keys], [v.expand(2, -1, -1, -1).clone() for v in values])
+    shapes = ({0: rows, 1: q}, {0: rows, 2: q, 3: capacity}, {0: rows, 1: q}, None, {0: kept},
+              [{0: rows, 2: capacity}] * layers, [{0: rows, 2: capacity}] * layers)
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
