@@ -36,11 +36,12 @@ class DraftBatch:
     Use as a context manager (it owns the rows' threads); `view(row)` is the runner a row's proposer
     drafts on, `propose(calls)` runs one step's propose() calls and returns their proposals."""
 
-    def __init__(self, model, rows: Sequence[int]):
-        self.runner = BatchRunner(model, rows, role="draft")
-        self.taken: dict[int, list[int]] = {row: [] for row in rows}
+    def __init__(self, runner: BatchRunner):
+        self.runner = runner
+        """The draft model's batch runner, one row per row of the batch."""
+        self.taken: dict[int, list[int]] = {row: [] for row in runner.rows}
         """Each row's batched forwards (indices into `runner.log`) it took part in."""
-        self._threads = ThreadPoolExecutor(max_workers=len(rows), thread_name_prefix="draft-row")
+        self._threads = ThreadPoolExecutor(max_workers=len(runner.rows), thread_name_prefix="draft-row")
         self._cond = threading.Condition()
         self._turn: int | None = None
         """The row that may run now; None: the coordinator's turn."""
