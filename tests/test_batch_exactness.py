@@ -2,6 +2,7 @@
 (fp32 tiny random models); the batch runner's logits are the solo runner's; the rows' draft
 forwards are batched, and a row failing inside propose() fails the batch without hanging."""
 
+import os
 import threading
 from dataclasses import replace
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 from tiny_models import perturbed, tiny_family_model, tiny_model
 
-from ouroboros import METHODS, PhrasePool, generate
+import ouroboros.aot as aot
+from ouroboros import METHODS, PhrasePool, batch_runner, generate
 from ouroboros.batch_generation import BatchGenerationOutput, generate_batch
-from ouroboros.batch_runner import BatchRunner
+from ouroboros.batch_runner import CAPACITY_STEP, make_batch_runner
 from ouroboros.errors import InvalidArgumentError
 from ouroboros.methods import Method, get_method, register, unregister
 from ouroboros.runner import ModelRunner
@@ -78,12 +80,16 @@ def test_rows_match_solo_generate_and_hf_greedy(models, eos_case, method, draft_
     assert isinstance(out, BatchGenerationOutput)
     assert out.sequences.shape == (4, max(len(p) + len(e) for p, e in zip(PROMPTS, expected)))
     assert out.finish_reasons[1:] == ["length", "stop", "stop"]
+    unsized = generate_batch(target, PROMPTS, draft=draft, method=method, max_new_tokens=24, eos_token_id=eos,
+                             pad_token_id=PAD, size_by_load=False)
     for i, row in enumerate(PROMPTS):
         solo = generate(target, torch.tensor([row]), draft=draft, method=method, max_new_tokens=24, eos_token_id=eos)
         assert out.sequences[i, :len(row)].tolist() == row
         assert new_tokens(out, i, len(row)) == expected[i] == solo.sequences[0, len(row):].tolist(), (method, i)
         assert out.finish_reasons[i] == solo.finish_reason
-        assert out.stats[i].accept_lengths == solo.stats.accept_lengths  # the same proposals, step by step
+        assert unsized.sequences[i].tolist() == out.sequences[i].tolist()
+        out = unsized  # without load sizing, the same proposals as alone, step by step
+        assert out.stats[i].accept_lengths == solo.stats.accept_lengths
         assert out.stats[i].target_forwards == solo.stats.target_forwards == len(solo.stats.accept_lengths)
         assert out.stats[i].draft_forwards == solo.stats.draft_forwards
 
@@ -110,8 +116,8 @@ def test_batched_draft_rows_with_budgets_of_one_and_two(models, method, draft_ki
     target, draft = models["target"], models[draft_kind]
     expected = [hf_greedy(target, row, 2) for row in PROMPTS]
     for budget in (1, 2):
-        out = generate(target, PROMPTS, draft=draft, method=method, max_new_tokens=budget, eos_token_id=[],
-                       pad_token_id=PAD)
+        out = generate_batch(target, PROMPTS, draft=draft, method=method, max_new_tokens=budget, eos_token_id=[],
+                             pad_token_id=PAD, size_by_load=False)
         for i, row in enumerate(PROMPTS):
             solo = generate(target, torch.tensor([row]), draft=draft, method=method, max_new_tokens=budget,
                             eos_token_id=[])
@@ -145,8 +151,8 @@ def test_draft_forwards_are_batched_across_rows(models, eos_case, method):
     calls = []
     hook = draft.register_forward_hook(lambda module, args, out: calls.append(1))
     try:
-        out = generate(target, PROMPTS, draft=draft, method=method, max_new_tokens=24, eos_token_id=eos,
-                       pad_token_id=PAD)
+        out = generate_batch(target, PROMPTS, draft=draft, method=method, max_new_tokens=24, eos_token_id=eos,
+                             pad_token_id=PAD, size_by_load=False)
     finally:
         hook.remove()
     totals = [solo.stats.draft_forwards for solo in solos]
@@ -191,8 +197,8 @@ def test_a_row_failing_inside_propose_raises_without_hanging(models, row, fail_a
 
     def run():
         try:
-            generate(models["target"], PROMPTS, draft=models["other"], method="failing_row", max_new_tokens=24,
-                     eos_token_id=[], pad_token_id=PAD)
+            generate_batch(models["target"], PROMPTS, draft=models["other"], method="failing_row", max_new_tokens=24,
+                           eos_token_id=[], pad_token_id=PAD, size_by_load=False)
         except BaseException as exc:
             outcome.append(exc)
 
@@ -258,11 +264,45 @@ def test_sliding_window_rows_match_solo(family):
         assert new_tokens(out, i, len(row)) == solo.sequences[0, len(row):].tolist() == hf_greedy(target, row, 12)
 
 
-def test_batch_runner_logits_match_the_solo_runner(models):
+def test_a_batch_of_one_row_runs_the_single_stream_loop(models):
+    """One row (a list of one prompt, or left-padded input_ids [1, L]) is a solo call in the batched
+    output's shape, so it is as fast as one and takes every method, auto included."""
+    target, draft = models["target"], models["perturbed"]
+    ids = torch.tensor([[PAD, PAD] + PROMPTS[1]])
+    for prompts, mask in (([PROMPTS[1]], None), (ids, torch.tensor([[0, 0] + [1] * len(PROMPTS[1])]))):
+        out = generate(target, prompts, attention_mask=mask, draft=draft, method="auto", max_new_tokens=12,
+                       eos_token_id=[], pad_token_id=PAD)
+        assert isinstance(out, BatchGenerationOutput) and out.stats[0].plan  # auto planned: the solo loop ran
+        width = out.sequences.shape[1] - 12
+        assert out.sequences[0, :width].tolist() == (PROMPTS[1] if mask is None else ids[0].tolist())
+        assert new_tokens(out, 0, width) == hf_greedy(target, PROMPTS[1], 12)
+
+
+@pytest.fixture(scope="module")
+def packaged(models, tmp_path_factory):
+    """The tiny target's and perturbed draft's compiled packages, built once into a fresh folder."""
+    folder = tmp_path_factory.mktemp("compiled")
+    old = os.environ.get(aot.CACHE_ENV)
+    os.environ[aot.CACHE_ENV] = str(folder)
+    for model in (models["target"], models["perturbed"]):
+        assert aot.model_package(model, progress=False)[0] is not None
+    yield folder
+    if old is None:
+        del os.environ[aot.CACHE_ENV]
+    else:
+        os.environ[aot.CACHE_ENV] = old
+
+
+@pytest.mark.parametrize("kind", ["eager", "packaged"])
+def test_batch_runner_logits_match_the_solo_runner(models, request, kind):
     """Rows of different lengths, trees of different sizes, a rewind that leaves stale slots, a row
-    left out of a step, and a dropped row: each row's logits are the solo runner's."""
+    left out of a step, and a dropped row: each row's logits are the solo runner's, on a
+    `DynamicCache` and on the compiled package's buffers."""
     target = models["target"]
-    batch = BatchRunner(target, [0, 1, 2])
+    if kind == "packaged":
+        request.getfixturevalue("packaged")
+    batch = make_batch_runner(target, [0, 1, 2], fast=kind == "packaged")
+    assert (batch.package is not None) == (kind == "packaged")
     solos = {row: ModelRunner(target) for row in range(3)}
     sequences = {row: list(PROMPTS[row]) for row in range(3)}
 
@@ -291,7 +331,51 @@ def test_batch_runner_logits_match_the_solo_runner(models):
     batch.drop([0])
     step([1, 2], {1: 3, 2: 1})
     assert batch.rows == [1, 2] and batch.cache.layers[0].keys.shape[0] == 2
-    assert batch.cache.layers[0].keys.shape[2] == max(len(batch.tokens[row]) for row in batch.rows)
+    longest, capacity = max(len(batch.tokens[row]) for row in batch.rows), batch.cache.layers[0].keys.shape[2]
+    if kind == "eager":
+        assert capacity == longest
+    else:  # grown in steps, never far past the longest row: the CPU's attention reads every slot
+        assert capacity % CAPACITY_STEP == 0 and longest <= capacity < longest + CAPACITY_STEP + 16
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_packaged_rows_match_hf_greedy_without_the_models_own_forward(models, eos_case, packaged, sized):
+    """fast=True: every row on the compiled packages is its HF greedy output, and neither model's own
+    forward runs (the forwards are the packages')."""
+    target, draft = models["target"], models["perturbed"]
+    eos, expected = eos_case
+    calls = []
+    hooks = [model.register_forward_hook(lambda *args: calls.append(1)) for model in (target, draft)]
+    try:
+        outs = {method: generate_batch(target, PROMPTS, draft=draft, method=method, max_new_tokens=24, eos_token_id=eos,
+                                       pad_token_id=PAD, fast=True, size_by_load=sized) for method in BATCHED}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not calls
+    for method, out in outs.items():
+        assert [new_tokens(out, i, len(row)) for i, row in enumerate(PROMPTS)] == expected, method
+
+
+def test_prompts_longer_than_a_package_forward_are_fed_in_chunks(models, packaged, monkeypatch):
+    """A forward wider than the package takes (a long prompt) is fed as chunks of the pending tokens
+    first, kept whole: the logits are the solo runner's, and whole generations stay exact."""
+    monkeypatch.setattr(batch_runner, "PACKAGE_MAX_TOKENS", 8)
+    target = models["target"]
+    batch = make_batch_runner(target, [0, 1], fast=True)
+    tree = DraftTree()
+    tree.add_chain([5, 6])
+    steps = {0: (batch.rewind(0, PROMPTS[1]), DraftTree()), 1: (batch.rewind(1, PROMPTS[0]), tree)}
+    logits = batch.forward(steps)
+    assert [record.fed for record in batch.log] == [2 * 8, 2 * 4, 2 * 8]  # 20 tokens: 8, 4, then the last 8
+    for row, prompt_ in ((0, PROMPTS[1]), (1, PROMPTS[0])):
+        solo = ModelRunner(target)
+        assert torch.allclose(logits[row], solo.forward(solo.rewind(prompt_), steps[row][1]), atol=1e-5)
+    for method in ("vanilla", "prompt_lookup"):
+        out = generate_batch(target, PROMPTS, method=method, max_new_tokens=12, eos_token_id=[], pad_token_id=PAD,
+                             fast=True)
+        assert [new_tokens(out, i, len(row)) for i, row in enumerate(PROMPTS)] == [
+            hf_greedy(target, row, 12) for row in PROMPTS]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -307,7 +391,6 @@ def test_batch_runner_logits_match_the_solo_runner(models):
     (dict(prompts=[[1, 2], [3]], attention_mask=torch.ones(2, 2)), "not with a list"),
     (dict(prompts=[[1, 2], [3]], method="auto"), "'auto' does not batch"),
     (dict(prompts=[[1, 2], [3]], streamer=object()), "streamer"),
-    (dict(prompts=[[1, 2], [3]], fast=True), "eager runner"),
     (dict(prompts=[[1, 2], [3]], pad_token_id=-1), "pad_token_id"),
 ])
 def test_bad_batches_are_refused(models, kwargs, message):

@@ -41,7 +41,7 @@ DRIFT_TOLERANCE = 0.3
 DRIFT_MIN_SECONDS = 2.0
 """Predicted seconds of a model's forwards in a run before its table is judged: a few forwards, or
 a tiny model's sub-millisecond ones, time mostly noise."""
-_memory: dict[str, ModelCosts] = {}
+_memory: dict[str, object] = {}
 _warned: set[str] = set()
 
 
@@ -146,23 +146,30 @@ def model_costs(model, *, fast: bool | None = False, cache_dir: str | os.PathLik
 def _cached_costs(model, fast: bool | None, cache_dir, progress: bool) -> tuple[ModelCosts, float, Path]:
     """`model_costs`, plus the cache file the costs live in."""
     runner = make_runner(model, fast=fast)
-    key = {"model": fingerprint(model), **environment_key(model, runner_kind(runner)),
-           "statistic": f"mean of {REPEATS}"}
+    return cached_measurement(model, runner_kind(runner), {}, lambda: measure_costs(model, runner=runner),
+                              ModelCosts.from_dict, progress, cache_dir)
+
+
+def cached_measurement(model, kind: str, extra: dict, measure, parse, progress: bool = False, cache_dir=None):
+    """(a measurement of `model` on a `kind` runner, seconds spent measuring now, its cache file): read
+    from the cache when one was taken for exactly this model and setting (`extra` adds to the key),
+    else `measure()`d and written there; `parse` reads the file's table back."""
+    key = {"model": fingerprint(model), **environment_key(model, kind), "statistic": f"mean of {REPEATS}", **extra}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) if cache_dir is not None else cost_cache_dir()
     path = path / f"{name}.json"
     if str(path) in _memory:
         return _memory[str(path)], 0.0, path
-    costs = _read(path, key)
+    costs = _read(path, key, parse)
     if costs is not None:
         _memory[str(path)] = costs
         return costs, 0.0, path
     if progress:
-        print(f"ouroboros: measuring the forward costs of {type(model).__name__} on {key['hardware']} "
-              f"({key['dtype']}, {key['threads']} threads), once; cached in {path.parent}", file=sys.stderr,
-              flush=True)
+        print(f"ouroboros: measuring the {'batched ' if extra else ''}forward costs of {type(model).__name__} on "
+              f"{key['hardware']} ({key['dtype']}, {key['threads']} threads), once; cached in {path.parent}",
+              file=sys.stderr, flush=True)
     start = time.perf_counter()
-    costs = measure_costs(model, runner=runner)
+    costs = measure()
     spent = time.perf_counter() - start
     _memory[str(path)] = costs
     try:
@@ -175,8 +182,8 @@ def _cached_costs(model, fast: bool | None, cache_dir, progress: bool) -> tuple[
     return costs, spent, path
 
 
-def _read(path: Path, key: dict) -> ModelCosts | None:
-    """The cached costs if `path` holds a valid table for exactly `key`; None if absent."""
+def _read(path: Path, key: dict, parse):
+    """The cached table (read by `parse`) if `path` holds a valid one for exactly `key`; None if absent."""
     if not path.exists():
         return None
     try:
@@ -186,7 +193,7 @@ def _read(path: Path, key: dict) -> ModelCosts | None:
             raise ConfigError("unknown format (expected ouroboros-costs/1)")
         if document.get("key") != key:
             raise ConfigError("it was measured for another model or setting")
-        return ModelCosts.from_dict(document)
+        return parse(document)
     except (OSError, json.JSONDecodeError, ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
         warnings.warn(f"ignoring cost file {path}: {exc}; measuring again", stacklevel=3)
         return None

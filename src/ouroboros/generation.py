@@ -87,7 +87,7 @@ def generate(
                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, config=config, pool=pool,
                               stopping=stopping, pad_token_id=pad_token_id, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                              streamer=streamer, generator=generator, costs=costs, fast=fast)
+                              streamer=streamer, generator=generator, costs=costs, fast=fast, solo=generate)
     config = OuroborosConfig() if config is None else config
     prompt = validate(target, input_ids, draft, method, max_new_tokens, config, pool)
     verify = make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator)

@@ -35,6 +35,8 @@ class Method:
     sequential: bool = False
     """With --batch N > 1: the group's prompts one after another (what a serial server delivers),
     beside the same method batched."""
+    unsized: bool = False
+    """With --batch N > 1: every row drafts its single-stream budget (no load sizing, the ablation)."""
 
     @property
     def batches(self) -> bool:
@@ -70,6 +72,7 @@ def contestants() -> dict[str, Method]:
     table += [Method(f"{name}_eager", engine=name, fast=False) for name in ("vanilla", "ouroboros", "auto")]
     table += [Method(f"ouroboros_no_{switch}", engine="ouroboros", disable=(switch,)) for switch in ABLATION_SWITCHES]
     table += [Method("ouroboros_classic", engine="ouroboros", disable=ADAPTIVE_SWITCHES)]
+    table += [Method("ouroboros_unsized", engine="ouroboros", unsized=True)]
     table += [Method(name, peer=name) for name in PEERS]
     table += [Method(f"{base.name}_sequential", hf=base.hf, engine=base.engine, sequential=True)
               for base in table if base.name in SEQUENTIAL_METHODS]

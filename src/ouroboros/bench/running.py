@@ -9,10 +9,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
+from ..batch_generation import generate_batch
 from ..config import OuroborosConfig
 from ..costs import vanilla_log
 from ..generation import generate
@@ -172,16 +174,16 @@ def _run_hf(bench: Bench, method: Method, rows: list[list[int]], max_new_tokens:
 
 def _run_engine(bench: Bench, method: Method, rows: list[list[int]], max_new_tokens: int, temperature: float,
                 seed: int, pool: PhrasePool | None):
-    """This package's generate, greedy unless temperature > 0: one prompt as input_ids [1, L] (the
-    run's runner choice), several as a list (a batch, on the eager runner; row i samples with seed + i)."""
+    """This package's generate, greedy unless temperature > 0: one prompt as input_ids [1, L], several
+    as a list (a batch; row i samples with seed + i), on the run's runner choice."""
     config = dataclasses.replace(bench.config, **dict.fromkeys(method.disable, False))
     sampling = dict(do_sample=True, temperature=temperature, top_p=bench.top_p, seed=seed) if temperature else {}
     fast = bench.fast if method.fast is None else method.fast
     prompts = rows if len(rows) > 1 else torch.tensor(rows, dtype=torch.long, device=bench.device)
-    output, seconds = _timed(bench, lambda: generate(
+    call = partial(generate_batch, size_by_load=not method.unsized) if len(rows) > 1 else generate
+    output, seconds = _timed(bench, lambda: call(
         bench.target, prompts, draft=bench.draft, method=method.engine, max_new_tokens=max_new_tokens,
-        eos_token_id=bench.eos_ids, pad_token_id=bench.pad_id, config=config, pool=pool,
-        fast=fast if len(rows) == 1 else None, **sampling))
+        eos_token_id=bench.eos_ids, pad_token_id=bench.pad_id, config=config, pool=pool, fast=fast, **sampling))
     stats = output.stats if isinstance(output.stats, list) else [output.stats]
     return [(output.sequences[i, len(ids):len(ids) + s.new_tokens].tolist(), s.target_forwards, s.draft_forwards,
              list(s.accept_lengths), s.forward_log) for i, (ids, s) in enumerate(zip(rows, stats))], seconds
@@ -305,7 +307,8 @@ def warm_up(bench: Bench, methods: list[Method], questions: list[Question], temp
     one short one per method on the first prompt (on the first group, batched, for those that batch);
     then, for each longer KV cache the run will need on the fast path (one more compiled graph per
     model), a full one of each compiled engine method on the first prompt that needs it (batches run
-    on the eager runner: nothing to compile). Later turns of multi-turn questions are not foreseen."""
+    on the models' packages, whose cache has any size: nothing more to compile). Later turns of
+    multi-turn questions are not foreseen."""
     first = [Question(q.question_id, q.category, q.turns[:1]) for q in questions]
     for method in tqdm(methods, desc="warm-up", unit="method", leave=False):
         short = min(WARMUP_TOKENS, bench.max_new_tokens)

@@ -26,6 +26,9 @@ class Context:
     """Prompt and output so far; the last token is the root of the next tree."""
     remaining: int
     """New tokens still allowed: a tree deeper than remaining - 1 is wasted work."""
+    nodes: int | None = None
+    """Most tree nodes this step may verify, set by a batch's load sizing (`batch_sizing`); None: the
+    proposer's own budget."""
 
 
 @dataclass(frozen=True)

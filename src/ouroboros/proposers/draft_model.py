@@ -118,7 +118,10 @@ class DraftModelProposer:
     def propose(self, context: Context) -> Proposal:
         tree = DraftTree(max_depth=context.remaining - 1)
         config = self.config
-        room = config.verify_budget - 1 if config.spread_branches else context.remaining
+        budget = _verify_budget(config, context)
+        room = budget - 1 if config.spread_branches else context.remaining
+        if context.nodes is not None:
+            room = min(room, context.nodes)
         match, known = 0, []
         if config.draft_free or config.spread_branches:
             match, known = likely_continuation(torch.tensor(context.tokens), LONGEST_MATCH, room)
@@ -136,11 +139,11 @@ class DraftModelProposer:
                 if nodes:  # empty when the trunk already fills the target's forward
                     tried.append((phrase, tuple(nodes)))
         if config.spread_branches:
-            self._spread(tree, context, trunk, confidence[:len(trunk)], runner_up, known)
+            self._spread(tree, context, trunk, confidence[:len(trunk)], runner_up, known, budget)
         return Proposal(tree, trunk=tuple(trunk), tried=tuple(tried), confidence=tuple(confidence[:len(trunk)]))
 
     def _spread(self, tree: DraftTree, context: Context, trunk: list[int], confidence: list[float],
-                runner_up: list[int], known: list[int]) -> None:
+                runner_up: list[int], known: list[int], span: int) -> None:
         """Spend the rest of the verify budget on the likeliest extra chains: the context's
         continuation after the trunk and at the root, and the draft's runner-up (followed by a pool
         phrase) where it was unsure; each scored by its estimated chance of being reached and right."""
@@ -148,7 +151,6 @@ class DraftModelProposer:
         for probability in confidence:
             reach.append(reach[-1] * self.estimate(probability))
         reach += [reach[-1] * 0.5] * (len(trunk) + 1 - len(reach))  # draft-free trunk: a rough guess
-        span = self.config.verify_budget
         after = context.tokens + tree.path_tokens(trunk)
         candidates = [(reach[-1] * 0.5, trunk[-1] if trunk else ROOT,
                        likely_continuation(torch.tensor(after), LONGEST_MATCH, span)[1]),
@@ -160,7 +162,7 @@ class DraftModelProposer:
             candidates.append((reach[i] * (1 - self.estimate(probability)) * 0.5, parent,
                                [runner_up[i], *phrase]))
         for _, parent, tokens in sorted(candidates, key=lambda c: -c[0]):
-            room = self.config.verify_budget - 1 - tree.size
+            room = span - 1 - tree.size
             if room <= 0:
                 break
             _add_within(tree, tokens, parent, room, "spread")
@@ -210,6 +212,11 @@ class DraftModelProposer:
             if len(nodes) == len(phrase):
                 corrected = [after_trunk] + [result.argmax[node + 1] for node in nodes[:-1]]
                 self.pool.replace(key, phrase, corrected)
+
+
+def _verify_budget(config: OuroborosConfig, context: Context) -> int:
+    """Tokens the target may verify this step, root included: the config's, or less under load."""
+    return config.verify_budget if context.nodes is None else min(config.verify_budget, context.nodes + 1)
 
 
 def _shared_prefix(path: Sequence[int], trunk: Sequence[int]) -> int:

@@ -1,0 +1,87 @@
+"""Speculation sized by load: how many draft nodes each row of a batch may verify in one step.
+
+A batched forward's cost grows with all its rows' tokens together (rows x width), so a draft that
+pays for one row alone can cost a batch more than it gains. Each step picks the node budget k,
+shared by the rows (the forward is as wide as its widest row anyway), that maximizes the batch's
+expected emitted tokens per second:
+
+    rate(k) = sum_i (1 + a_i + a_i^2 + ... + a_i^k) / (T(rows, k + 1) + rounds x k x D(rows, 2))
+
+T and D are the target's and the draft's batched forward costs, rows x new tokens each, measured on
+this machine's batch runners (`batch_costs`); a_i is row i's observed per-token acceptance (a
+geometric model: each drafted token is accepted with a_i once its parent was), and `rounds` the draft
+forwards a drafted node took so far. k = 0 is plain batched decoding: no proposer runs that step.
+SmartSpec (arXiv 2406.14066) sizes GPU batches by the same goodput rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .batch_costs import BatchCosts
+
+__all__ = ["LoadSizer", "RowAcceptance"]
+
+CHOICES = (0, 1, 2, 3, 4, 6, 8, 12, 16)
+"""Node budgets a step may pick from (up to the method's own verify budget)."""
+
+
+@dataclass
+class RowAcceptance:
+    """One row's per-token acceptance, from the target's verdicts: accepted drafted tokens over the
+    positions tried (each position until the first rejection), with a prior worth `prior` tries."""
+
+    accepted: float = 2.4
+    tried: float = 4.0
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.tried
+
+    def observe(self, depth: int, accepted: int) -> None:
+        """A step offered a tree `depth` nodes deep and the target accepted `accepted` of them."""
+        if depth > 0:
+            self.accepted += accepted
+            self.tried += accepted + (accepted < depth)
+
+    def expected(self, k: int) -> float:
+        """Expected accepted drafted tokens for a k-node chain."""
+        a = self.rate
+        return sum(a ** j for j in range(1, k + 1))
+
+
+@dataclass
+class LoadSizer:
+    """Per step, the node budget for the batch's rows (see the module docstring)."""
+
+    target: BatchCosts
+    draft: BatchCosts | None
+    """The draft model's costs for methods whose proposals run it, else None."""
+    ceiling: int
+    """The method's own node budget for one row (its verify budget less the root)."""
+    rows: dict[int, RowAcceptance] = field(default_factory=dict)
+    rounds: float = 1.0
+    """Draft forwards per drafted node, observed (a running mean; starts at one forward per node)."""
+
+    def budget(self, rows: Sequence[int]) -> int:
+        """The node budget k for a step of `rows`."""
+        width = len(rows)
+        plain = self.target.forward(width, 1)
+        best, best_rate = 0, 0.0
+        for k in (k for k in CHOICES if k <= self.ceiling):
+            seconds = max(self.target.forward(width, k + 1), plain)  # measured noise aside, more is not cheaper
+            if k and self.draft is not None:
+                seconds += self.rounds * k * self.draft.forward(width, 2)
+            gain = sum(1 + self.row(row).expected(k) for row in rows)
+            if gain / seconds > best_rate:
+                best, best_rate = k, gain / seconds
+        return best
+
+    def row(self, row: int) -> RowAcceptance:
+        return self.rows.setdefault(row, RowAcceptance())
+
+    def observe_rounds(self, rounds: int, nodes: int) -> None:
+        """A step's draft forwards (`rounds`) for the most nodes any row drafted (`nodes`)."""
+        if nodes > 0:
+            self.rounds = 0.8 * self.rounds + 0.2 * rounds / nodes
