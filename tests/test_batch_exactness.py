@@ -14,6 +14,7 @@ import ouroboros.aot as aot
 from ouroboros import METHODS, PhrasePool, batch_runner, generate
 from ouroboros.batch_generation import BatchGenerationOutput, generate_batch
 from ouroboros.batch_runner import CAPACITY_STEP, make_batch_runner
+from ouroboros.batch_session import BatchSession
 from ouroboros.errors import InvalidArgumentError
 from ouroboros.methods import Method, get_method, register, unregister
 from ouroboros.runner import ModelRunner
@@ -331,6 +332,13 @@ def test_batch_runner_logits_match_the_solo_runner(models, request, kind):
     batch.drop([0])
     step([1, 2], {1: 3, 2: 1})
     assert batch.rows == [1, 2] and batch.cache.layers[0].keys.shape[0] == 2
+    batch.add(3)  # a row joins with a long prompt: on the packages it is fed alone, at its own slots
+    solos[3], sequences[3] = ModelRunner(target), prompt(9, 90)
+    forwards = batch.forwards
+    step([1, 2, 3], {1: 2, 2: 0, 3: 1})
+    assert batch.forwards - forwards == (2 if kind == "packaged" else 1)
+    step([1, 2, 3], {1: 1, 2: 3, 3: 2})
+    batch.drop([3])
     longest, capacity = max(len(batch.tokens[row]) for row in batch.rows), batch.cache.layers[0].keys.shape[2]
     if kind == "eager":
         assert capacity == longest
@@ -398,3 +406,34 @@ def test_bad_batches_are_refused(models, kwargs, message):
     args.update(kwargs)
     with pytest.raises(InvalidArgumentError, match=message):
         generate_batch(models["target"], args.pop("prompts"), **args)
+
+
+@pytest.mark.parametrize("method", DRAFTING + ["prompt_lookup"])
+@pytest.mark.parametrize("kind", ["eager", "packaged"])
+def test_rows_joining_mid_way_and_cancelled_rows_leave_the_others_exact(models, request, method, kind):
+    """A session (continuous batching): rows join after some steps, one is cancelled mid-way and
+    freed at once; every other row is exactly its solo output, and the session ends empty. On the
+    packages a long joining prompt runs alone, not widening the others' forward to its length."""
+    target, draft = models["target"], models["perturbed"]
+    if kind == "packaged":
+        request.getfixturevalue("packaged")
+    long = prompt(9, 4 * 16 + 6)  # over 4x the widest step of a row (its verify budget)
+    with BatchSession(target, draft, method=method, fast=kind == "packaged") as session:
+        first = [session.add(PROMPTS[i], max_new_tokens=16) for i in (0, 1)]
+        for _ in range(3):
+            session.step()
+        joined, cancelled = session.add(long, max_new_tokens=16), session.add(PROMPTS[3], max_new_tokens=16)
+        session.step()
+        if kind == "packaged":
+            (record,) = session.runner.row_log(joined)  # one row's forward: its prompt and first draft
+            assert len(long) <= record.fed < len(long) + 16
+        session.cancel(cancelled)
+        assert cancelled not in session.active and len(session.runner.rows) == len(session.active)
+        while session.active:
+            session.step()
+    assert session.runner.rows == [] and session.rows[cancelled].finish == "cancelled"
+    for row, tokens in zip(first + [joined], (PROMPTS[0], PROMPTS[1], long)):
+        assert session.rows[row].new_tokens == hf_greedy(target, tokens, 16), (method, row)
+        assert session.rows[row].finish == "length"
+    stopped = session.rows[cancelled].new_tokens
+    assert 0 < len(stopped) < 16 and stopped == hf_greedy(target, PROMPTS[3], 16)[:len(stopped)]

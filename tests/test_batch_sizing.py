@@ -77,8 +77,9 @@ def test_poor_acceptance_turns_speculation_off():
 def test_the_draft_models_forwards_count_against_drafting():
     assert sizer(TARGET, rate=0.7).budget([0, 1, 2, 3]) > 0
     expensive = sizer(TARGET, rate=0.7, draft=DRAFT)
-    for _ in range(20):
-        expensive.observe_rounds(rounds=8, nodes=2)  # four draft forwards per drafted node
+    assert expensive.budget([0, 1, 2, 3]) > 0
+    for _ in range(20):  # drafting took four times the table's one-token draft forward per node
+        expensive.observe_draft(seconds=4 * 2 * DRAFT.forward(4, 2), rows=4, nodes=2)
     assert expensive.budget([0, 1, 2, 3]) == 0
 
 

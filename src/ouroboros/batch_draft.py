@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .aot import MAX_ROWS
 from .batch_runner import BatchRunner
 from .proposers import Proposal
 from .runner import ForwardRecord
@@ -39,9 +40,7 @@ class DraftBatch:
     def __init__(self, runner: BatchRunner):
         self.runner = runner
         """The draft model's batch runner, one row per row of the batch."""
-        self.taken: dict[int, list[int]] = {row: [] for row in runner.rows}
-        """Each row's batched forwards (indices into `runner.log`) it took part in."""
-        self._threads = ThreadPoolExecutor(max_workers=len(runner.rows), thread_name_prefix="draft-row")
+        self._threads = ThreadPoolExecutor(max_workers=MAX_ROWS, thread_name_prefix="draft-row")
         self._cond = threading.Condition()
         self._turn: int | None = None
         """The row that may run now; None: the coordinator's turn."""
@@ -58,6 +57,11 @@ class DraftBatch:
 
     def view(self, row: int) -> RowRunner:
         return RowRunner(self, row)
+
+    def add(self, row: int) -> RowRunner:
+        """A joining row: its slot in the draft cache, and its view."""
+        self.runner.add(row)
+        return self.view(row)
 
     def drop(self, rows: Sequence[int]) -> None:
         """Finished rows leave the draft cache too."""
@@ -89,10 +93,7 @@ class DraftBatch:
         return {row: self._ended[row][0] for row in calls}
 
     def _forward(self, rows: list[int]) -> None:
-        logits = self.runner.forward({row: self._asked.pop(row) for row in rows})
-        for row in rows:
-            self.taken[row].append(self.runner.forwards - 1)
-        self._given.update(logits)
+        self._given.update(self.runner.forward({row: self._asked.pop(row) for row in rows}))
 
     def _run(self, row: int, call: Callable[[], Proposal]) -> None:
         """A row's thread: wait for its turn, propose, and hand the turn back whatever happens."""
@@ -160,12 +161,11 @@ class RowRunner:
 
     @property
     def log(self) -> list[ForwardRecord]:
-        log = self.batch.runner.log
-        return [log[k] for k in self.batch.taken[self.row] if k < len(log)]
+        return self.batch.runner.row_log(self.row)
 
     @property
     def forwards(self) -> int:
-        return len(self.batch.taken[self.row])
+        return len(self.batch.runner.taken[self.row])
 
     def rewind(self, sequence: Sequence[int]) -> list[int]:
         return self.batch.runner.rewind(self.row, sequence)

@@ -1,34 +1,24 @@
 """Batched generation: several prompts at once, each row exactly its own solo `generate`.
 
-Every row keeps its own proposer, context, budget, EOS and stop rule; one target forward per step
-verifies every active row's tree (`BatchRunner`), and a finished row leaves the batch. The draft model
-runs batched too: each row's proposer drafts on its view of one shared draft `BatchRunner`, and the
-rows' draft forwards of a step are batched round by round (`DraftBatch`). Each step's draft is sized
-to the batch's load (`batch_sizing`); `method="auto"` is refused.
+The arguments are checked and the rows read (a list of prompts, or left-padded input_ids), every
+row is added to one `BatchSession` and stepped until all have ended, and the rows come back in
+transformers' batched shape. A batch of one row runs the single-stream loop instead.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
-from .batch_costs import batch_costs
-from .batch_draft import DraftBatch
-from .batch_runner import BatchRunner, make_batch_runner
-from .batch_sizing import LoadSizer
+from .batch_session import BatchSession
 from .config import OuroborosConfig
 from .errors import InvalidArgumentError, InvalidTypeError
-from .methods import Setup, get_method
+from .methods import get_method
 from .model_facts import eos_token_ids
 from .pool import PhrasePool
-from .proposers import Context, Proposal, Proposer
-from .request import GenerationStats, emit, make_verifier, validate
-from .tree import DraftTree
+from .request import GenerationStats, make_verifier, validate
 
 __all__ = ["BatchGenerationOutput", "generate_batch", "is_batch"]
 
@@ -44,17 +34,6 @@ class BatchGenerationOutput:
     those rows, gives the whole batch's fed tokens and time)."""
     finish_reasons: list[str] = field(default_factory=list)
     """Per row: "stop" (EOS or the stopping callback) or "length" (max_new_tokens reached)."""
-
-
-@dataclass
-class _Row:
-    index: int
-    prompt: list[int]
-    context: Context
-    proposer: Proposer
-    verify: Callable
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    finish: str = "length"
 
 
 def is_batch(input_ids, attention_mask=None) -> bool:
@@ -114,7 +93,7 @@ def generate_batch(
     is as fast as a solo call.
     """
     config = OuroborosConfig() if config is None else config
-    spec = get_method(method)
+    get_method(method)
     given, prompt_lists = _rows(prompts, attention_mask)
     if len(prompt_lists) == 1 and solo is not None and streamer is None and generator is None:
         out = solo(target, torch.tensor([prompt_lists[0]]), draft=draft, method=method, max_new_tokens=max_new_tokens,
@@ -123,114 +102,24 @@ def generate_batch(
         pad = _pad_id(target, pad_token_id, eos_token_ids(target, eos_token_id))
         new = out.sequences[0, len(prompt_lists[0]):].tolist()
         return BatchGenerationOutput(_sequences(given, prompt_lists, [new], pad), [out.stats], [out.finish_reason])
-    _refuse_single_stream_options(spec.name, streamer, generator)
-    for prompt in prompt_lists:
+    _refuse_single_stream_options(streamer, generator)
+    for prompt in prompt_lists:  # every row checked before anything is built or measured
         validate(target, torch.tensor([prompt]), draft, method, max_new_tokens, config, pool)
     eos_ids = eos_token_ids(target, eos_token_id)
-    eos = set(eos_ids)
     pad = _pad_id(target, pad_token_id, eos_ids)
-    start = time.perf_counter()
-    drafting = spec.takes_draft and draft is not None
-    sizer = None
-    with torch.inference_mode():
-        if size_by_load and spec.name != "vanilla" and len(prompt_lists) > 1:
-            sizer = LoadSizer(batch_costs(target, fast=fast), batch_costs(draft, fast=fast) if drafting else None,
-                              config.verify_budget - 1)
-        runner = make_batch_runner(target, range(len(prompt_lists)), fast=fast)
-        drafts = DraftBatch(make_batch_runner(draft, range(len(prompt_lists)), fast=fast, role="draft")) \
-            if drafting else None
-    rows: dict[int, _Row] = {}
-    with torch.inference_mode(), drafts if drafts is not None else nullcontext():
+    with BatchSession(target, draft, method=method, config=config, fast=fast, size_by_load=size_by_load) as session:
         for i, prompt in enumerate(prompt_lists):
-            row_pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
-            draft_runner = drafts.view(i) if drafts is not None else None
-            proposer = spec.build(Setup(list(prompt), config, row_pool, draft_runner, target, max_new_tokens, None,
-                                        fast))
-            verify = make_verifier(do_sample, temperature, top_k, top_p, min_p,
-                                   None if seed is None else seed + i, None)
-            rows[i] = _Row(i, prompt, Context(list(prompt), max_new_tokens), proposer, verify)
-        active = list(rows)
-        while active:
-            proposals = _propose([rows[i] for i in active], drafts, sizer)
-            logits = runner.forward({i: (runner.rewind(i, rows[i].context.tokens), proposals[i].tree)
-                                     for i in active})
-            finished = [i for i in active if _step(rows[i], proposals[i], logits[i], runner, eos, stopping, start,
-                                                   sizer, proposals is not _PLAIN)]
-            if finished:
-                runner.drop(finished)
-                if drafts is not None:
-                    drafts.drop(finished)
-                active = [i for i in active if i not in finished]
-    compiled = runner.compile_seconds + (drafts.runner.compile_seconds if drafts is not None else 0.0)
-    for row in rows.values():
-        steps = row.stats.target_forwards = len(row.stats.accept_lengths)
-        draft_log = row.proposer.draft_runner.log if row.proposer.draft_runner is not None else []
-        row.stats.draft_forwards = len(draft_log)
-        row.stats.forward_log = sorted(runner.log[:steps] + draft_log, key=lambda record: record.started)
-        row.stats.events = dict(row.proposer.events)
-        row.stats.new_tokens = len(row.context.tokens) - len(row.prompt)
-        row.stats.compile_seconds = compiled
-    new = [row.context.tokens[len(row.prompt):] for row in rows.values()]
-    return BatchGenerationOutput(_sequences(given, prompt_lists, new, pad), [row.stats for row in rows.values()],
-                                 [row.finish for row in rows.values()])
+            session.add(prompt, max_new_tokens=max_new_tokens, eos=set(eos_ids), stopping=stopping, pool=pool,
+                        verify=make_verifier(do_sample, temperature, top_k, top_p, min_p,
+                                             None if seed is None else seed + i, None))
+        while session.active:
+            session.step()
+    rows = list(session.rows.values())
+    return BatchGenerationOutput(_sequences(given, prompt_lists, [row.new_tokens for row in rows], pad),
+                                 [row.stats for row in rows], [row.finish for row in rows])
 
 
-class _Plain(dict):
-    """A step's proposals when the load sizing chose plain decoding: no proposer ran."""
-
-    def __missing__(self, row: int) -> Proposal:
-        return Proposal(DraftTree(max_depth=0))
-
-
-_PLAIN = _Plain()
-
-
-def _propose(rows: list[_Row], drafts: DraftBatch | None, sizer: LoadSizer | None) -> dict[int, Proposal]:
-    """Each row's proposal for this step: its proposer's, within the node budget the load allows
-    (`_PLAIN`, plain decoding, when that budget is 0)."""
-    budget = sizer.budget([row.index for row in rows]) if sizer is not None else None
-    if budget == 0:
-        return _PLAIN
-    calls = {}
-    for row in rows:
-        context = row.context if budget is None else Context(row.context.tokens, min(row.context.remaining, budget + 1),
-                                                              nodes=budget)
-        calls[row.index] = partial(row.proposer.propose, context)
-    if drafts is None:
-        return {i: call() for i, call in calls.items()}
-    before = drafts.runner.forwards
-    proposals = drafts.propose(calls)
-    if sizer is not None:
-        sizer.observe_rounds(drafts.runner.forwards - before, max(p.tree.size for p in proposals.values()))
-    return proposals
-
-
-def _step(row: _Row, proposal: Proposal, logits: torch.Tensor, runner: BatchRunner, eos: set[int], stopping,
-          start: float, sizer: LoadSizer | None, learn: bool) -> bool:
-    """Verify one row's tree on its logits [1 + tree.total, vocab], keep, learn (unless the proposal
-    is not the proposer's: a step sized to plain decoding) and emit, as one step of `generate`; True
-    when the row is finished."""
-    result = row.verify(proposal.tree, logits)
-    runner.keep(row.index, result.path)
-    context = row.context
-    depth = max(proposal.tree.depths, default=0)
-    if sizer is not None:
-        sizer.row(row.index).observe(depth, len(result.path))
-    if learn:
-        row.proposer.learn(context, proposal, result)
-    emitted, ended = emit(context, result, eos)
-    row.stats.accept_lengths.append(len(emitted))
-    if ended or (stopping is not None and stopping(context.tokens[len(row.prompt):])):
-        row.finish = "stop"
-    done = row.finish == "stop" or context.remaining <= 0
-    if done:
-        row.stats.wall_time = time.perf_counter() - start
-    return done
-
-
-def _refuse_single_stream_options(method: str, streamer, generator) -> None:
-    if method == "auto":
-        raise InvalidArgumentError("method 'auto' does not batch yet: pick a method, or call generate once per row")
+def _refuse_single_stream_options(streamer, generator) -> None:
     for name, value in (("streamer", streamer), ("generator", generator)):
         if value is not None:
             raise InvalidArgumentError(f"{name} is a single-stream option: batched generation does not take it"

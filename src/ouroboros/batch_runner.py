@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from .aot import MAX_TOKENS as PACKAGE_MAX_TOKENS
 from .aot import MIN_TOKENS as PACKAGE_MIN_TOKENS
 from .aot import AotForward, aot_blocker, model_package
-from .runner import ForwardLog, attention_masks, reusable_prefix, tree_inputs
+from .runner import ForwardLog, ForwardRecord, attention_masks, reusable_prefix, tree_inputs
 from .static_runner import fast_path_blocker
 from .tree import DraftTree
 
@@ -78,8 +78,25 @@ class BatchRunner(ForwardLog):
         """Rows fed by the last forward and not kept yet: (pending count, fed tokens)."""
         self._moves: dict[int, tuple[int, list[int]]] = {}
         """Rows kept since the last forward: (their length before, offsets of the fed slots kept)."""
-        self._start = 0
-        """S of the last forward: where its new tokens were written."""
+        self._starts: dict[int, int] = {}
+        """Where the last forward wrote each stepping row's new tokens (S, or its own length when fed alone)."""
+        self.taken: dict[int, list[int]] = {row: [] for row in self.rows}
+        """Each row's forwards (indices into `log`) that fed it."""
+
+    def add(self, row: int) -> None:
+        """A new row joins the batch (empty: its first forward feeds its prompt)."""
+        if row in self.tokens:
+            raise ValueError(f"row {row} is already in the batch")
+        for layer in self._layers():
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(1, *layer.keys.shape[1:])])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros(1, *layer.values.shape[1:])])
+        self.rows.append(row)
+        self.tokens[row] = []
+        self.taken[row] = []
+
+    def row_log(self, row: int) -> list[ForwardRecord]:
+        """The forwards that fed `row` (each record is the whole forward's, shared by its rows)."""
+        return [self.log[k] for k in self.taken[row] if k < len(self.log)]
 
     def rewind(self, row: int, sequence: Sequence[int]) -> list[int]:
         """Forget row `row`'s cached tokens past its longest prefix shared with `sequence`, short of
@@ -92,8 +109,18 @@ class BatchRunner(ForwardLog):
         """One forward for the rows in `steps` (row -> (pending tokens, tree)); rows not in it are
         fed one masked dummy token. Returns each stepping row's logits [1 + tree.total, vocab]
         (float32) for its last pending token and its tree nodes, as `ModelRunner.forward`."""
+        wide = {}
         if self.package is not None:
             steps = self._prefill_long_prompts(steps)
+            wide = {row: step for row, step in steps.items() if row in _wide_rows(steps)}
+        logits = self._forward_all({row: step for row, step in steps.items() if row not in wide}) if len(
+            wide) < len(steps) else {}
+        for row, (pending, tree) in wide.items():
+            logits[row] = self._forward_alone(row, pending, tree)
+        return logits
+
+    def _forward_all(self, steps: Mapping[int, tuple[Sequence[int], DraftTree]]) -> dict[int, torch.Tensor]:
+        """`forward` over every row at once: all write at the same slots S, the longest row's length."""
         start = max((len(self.tokens[row]) for row in self.rows), default=0)
         self._crop(start)
         inputs = {row: tree_inputs(pending, tree, len(self.tokens[row])) for row, (pending, tree) in steps.items()}
@@ -124,11 +151,36 @@ class BatchRunner(ForwardLog):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                 logits_to_keep=width - first, **{self.cache_argument: self.cache}).logits
         self._logged(before, len(self.rows) * width, start)
-        self._start = start
-        self._step = {row: (len(pending), inputs[row][0]) for row, (pending, _) in steps.items()}
+        for row, (pending, _) in steps.items():
+            self._fed(row, start, len(pending), inputs[row][0])
         logits = logits.float()  # [rows, width - first, vocab]
         return {row: logits[self.rows.index(row), len(steps[row][0]) - 1 - first:len(inputs[row][0]) - first]
                 for row in steps}
+
+    def _forward_alone(self, row: int, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
+        """A packaged forward of one row on its own slice of the buffers, writing at its own length:
+        a joining row's prompt, which would otherwise widen every row's forward to its length."""
+        past, index = len(self.tokens[row]), self.rows.index(row)
+        fed, positions, allowed = tree_inputs(pending, tree, past)
+        width = max(len(fed), PACKAGE_MIN_TOKENS)
+        capacity = self._reserve(past + width)
+        ids = torch.tensor([fed + [PAD_TOKEN] * (width - len(fed))], device=self.device)  # [1, width]
+        positions, allowed = _pad(positions, allowed, width, past)
+        mask = attention_masks(self.windows, allowed, positions, past, self.dtype, self.device, width=capacity)
+        layers = self._layers()
+        before = time.perf_counter()
+        logits = self.package(ids, mask, positions[None].to(self.device), past,
+                              [layer.keys[index:index + 1] for layer in layers],
+                              [layer.values[index:index + 1] for layer in layers],
+                              torch.arange(len(pending) - 1, len(fed)))
+        self._logged(before, width, past)
+        self._fed(row, past, len(pending), fed)
+        return logits[0].float()
+
+    def _fed(self, row: int, start: int, pending: int, fed: list[int]) -> None:
+        self._starts[row] = start
+        self._step[row] = (pending, fed)
+        self.taken[row].append(self.forwards - 1)
 
     def keep(self, row: int, path: Sequence[int]) -> None:
         """After `forward`: keep row `row`'s pending tokens and its accepted tree nodes `path`. Once
@@ -150,14 +202,15 @@ class BatchRunner(ForwardLog):
             layer.values = layer.values.index_select(0, index)
         self.rows = [self.rows[i] for i in keep]
         for row in rows:
-            del self.tokens[row]
+            del self.tokens[row], self.taken[row]
+        self._crop(max((len(tokens) for tokens in self.tokens.values()), default=0))
 
     def _compact(self) -> None:
         """Copy each kept row's fed slots (S + its kept offsets) to its own slots from its old length on."""
         batch, source, target = [], [], []
         for row, (length, offsets) in self._moves.items():
             batch += [self.rows.index(row)] * len(offsets)
-            source += [self._start + offset for offset in offsets]
+            source += [self._starts[row] + offset for offset in offsets]
             target += range(length, length + len(offsets))
         self._moves = {}
         index = torch.tensor([batch, source, target], dtype=torch.long, device=self.device)  # [3, moved slots]
@@ -211,6 +264,18 @@ class BatchRunner(ForwardLog):
 
     def _layers(self):
         return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
+
+
+WIDE = 64
+"""A row fed more than this many tokens, and over 4x any other stepping row, runs alone."""
+
+
+def _wide_rows(steps: Mapping[int, tuple[Sequence[int], DraftTree]]) -> set[int]:
+    """Rows whose fed tokens (a joining prompt) would widen every other row's forward many times."""
+    fed = {row: len(pending) + tree.total for row, (pending, tree) in steps.items()}
+    wide = {row for row, n in fed.items() if n > WIDE}
+    rest = max((n for row, n in fed.items() if row not in wide), default=0)
+    return {row for row in wide if fed[row] > 4 * max(rest, 1)} if rest else set()
 
 
 def _buffers(heads: list[int], head_dims: list[int], rows: int, capacity: int, dtype, device) -> SimpleNamespace:

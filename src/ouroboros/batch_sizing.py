@@ -5,12 +5,13 @@ pays for one row alone can cost a batch more than it gains. Each step picks the 
 shared by the rows (the forward is as wide as its widest row anyway), that maximizes the batch's
 expected emitted tokens per second:
 
-    rate(k) = sum_i (1 + a_i + a_i^2 + ... + a_i^k) / (T(rows, k + 1) + rounds x k x D(rows, 2))
+    rate(k) = sum_i (1 + a_i + a_i^2 + ... + a_i^k) / (T(rows, k + 1) + scale x k x D(rows, 2))
 
 T and D are the target's and the draft's batched forward costs, rows x new tokens each, measured on
 this machine's batch runners (`batch_costs`); a_i is row i's observed per-token acceptance (a
-geometric model: each drafted token is accepted with a_i once its parent was), and `rounds` the draft
-forwards a drafted node took so far. k = 0 is plain batched decoding: no proposer runs that step.
+geometric model: each drafted token is accepted with a_i once its parent was), and the draft's price
+per drafted node is D(rows, 2) scaled by what drafting has taken so far (`draft_scale`). k = 0 is
+plain batched decoding: no proposer runs that step.
 SmartSpec (arXiv 2406.14066) sizes GPU batches by the same goodput rule.
 """
 
@@ -61,8 +62,9 @@ class LoadSizer:
     ceiling: int
     """The method's own node budget for one row (its verify budget less the root)."""
     rows: dict[int, RowAcceptance] = field(default_factory=dict)
-    rounds: float = 1.0
-    """Draft forwards per drafted node, observed (a running mean; starts at one forward per node)."""
+    draft_scale: float = 1.0
+    """Observed draft seconds per drafted node over the table's one-token draft forward (a running
+    mean): the draft's real price per node, its Python and any wider forward included."""
 
     def budget(self, rows: Sequence[int]) -> int:
         """The node budget k for a step of `rows`."""
@@ -72,7 +74,7 @@ class LoadSizer:
         for k in (k for k in CHOICES if k <= self.ceiling):
             seconds = max(self.target.forward(width, k + 1), plain)  # measured noise aside, more is not cheaper
             if k and self.draft is not None:
-                seconds += self.rounds * k * self.draft.forward(width, 2)
+                seconds += self.draft_scale * k * self.draft.forward(width, 2)
             gain = sum(1 + self.row(row).expected(k) for row in rows)
             if gain / seconds > best_rate:
                 best, best_rate = k, gain / seconds
@@ -81,7 +83,7 @@ class LoadSizer:
     def row(self, row: int) -> RowAcceptance:
         return self.rows.setdefault(row, RowAcceptance())
 
-    def observe_rounds(self, rounds: int, nodes: int) -> None:
-        """A step's draft forwards (`rounds`) for the most nodes any row drafted (`nodes`)."""
-        if nodes > 0:
-            self.rounds = 0.8 * self.rounds + 0.2 * rounds / nodes
+    def observe_draft(self, seconds: float, rows: int, nodes: int) -> None:
+        """A step's drafting took `seconds` for `rows` rows drafting up to `nodes` nodes each."""
+        if nodes > 0 and self.draft is not None:
+            self.draft_scale = 0.8 * self.draft_scale + 0.2 * seconds / (nodes * self.draft.forward(rows, 2))

@@ -20,7 +20,7 @@ from ..config import OuroborosConfig
 from ..pool import PhraseSource
 from ..runner import ModelRunner, decode_step
 from ..tree import ROOT, DraftTree
-from .base import Context, Proposal, Proposer
+from .base import Context, NullProposer, Proposal, Proposer
 from .prompt_lookup import likely_continuation
 
 LONGEST_MATCH = 32
@@ -97,11 +97,14 @@ class DraftModelProposer:
         goal = min(self.config.draft_cap if adaptive else self.gamma, budget)
         tokens, drafted, confidence, runner_up = list(context.tokens), [], [], []
         chance = 1.0
+        # Under a batch's load sizing the draft drafts token by token: a phrase-drafting forward is as
+        # wide as its window and phrases, and a batched draft forward as wide as its widest row.
+        drafter = self.drafter if context.nodes is None else _TOKEN_BY_TOKEN
         while len(drafted) < goal:
             step_context = Context(tokens, budget - len(drafted) + 1)
-            proposal = self.drafter.propose(step_context)
+            proposal = drafter.propose(step_context)
             result = decode_step(self.draft_runner, tokens, proposal.tree, confident_verify)
-            self.drafter.learn(step_context, proposal, result)
+            drafter.learn(step_context, proposal, result)
             confidence += result.confidence
             runner_up += result.runner_up
             drafted += result.emitted
@@ -212,6 +215,9 @@ class DraftModelProposer:
             if len(nodes) == len(phrase):
                 corrected = [after_trunk] + [result.argmax[node + 1] for node in nodes[:-1]]
                 self.pool.replace(key, phrase, corrected)
+
+
+_TOKEN_BY_TOKEN = NullProposer()
 
 
 def _verify_budget(config: OuroborosConfig, context: Context) -> int:

@@ -1,0 +1,196 @@
+"""A running batch: rows join between steps, each step verifies every row's draft in one target
+forward, and rows leave when they end or are cancelled (continuous batching).
+
+Every row keeps its own proposer, context, budget, EOS, stop rule and sampler, so each row's tokens
+are exactly what `generate` gives it alone, whatever joins or leaves around it. The draft model runs
+batched too (`DraftBatch`), and each step's draft is sized to the batch's load (`batch_sizing`).
+Memory: each row holds its own slots in the target's and draft's caches (its prompt and new tokens,
+plus the widest step's), freed when it leaves; a caller bounds it by how many rows it adds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from .acceptance import greedy_verify
+from .batch_costs import batch_costs
+from .batch_draft import DraftBatch
+from .batch_runner import make_batch_runner
+from .batch_sizing import LoadSizer
+from .config import OuroborosConfig
+from .errors import InvalidArgumentError
+from .methods import Setup, get_method
+from .pool import PhrasePool
+from .proposers import Context, Proposal, Proposer
+from .request import GenerationStats, emit, validate
+from .tree import DraftTree
+
+__all__ = ["BatchSession", "SessionRow"]
+
+
+@dataclass
+class SessionRow:
+    """One request in the batch: its tokens so far, its proposer, and how it ended."""
+
+    index: int
+    prompt: list[int]
+    context: Context
+    proposer: Proposer
+    verify: Callable
+    eos: set[int]
+    stopping: Callable[[list[int]], bool] | None
+    started: float
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    finish: str | None = None
+    """None while running; then "stop" (EOS or the stopping callback), "length" or "cancelled"."""
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.context.tokens[len(self.prompt):]
+
+
+class BatchSession:
+    """Rows of one target (and draft) model decoded together, one target forward per `step`.
+
+    Use as a context manager (the batched draft owns threads). `add` a prompt between steps, `step`
+    until `active` is empty, `cancel` a row to free it at once; ended rows stay in `rows`."""
+
+    def __init__(self, target, draft=None, *, method: str = "ouroboros", config: OuroborosConfig | None = None,
+                 fast: bool | None = None, size_by_load: bool = True):
+        self.spec = get_method(method)
+        if self.spec.name == "auto":
+            raise InvalidArgumentError("method 'auto' does not batch yet: pick a method, or call generate once per row")
+        self.target, self.draft, self.fast = target, draft, fast
+        self.config = OuroborosConfig() if config is None else config
+        drafting = self.spec.takes_draft and draft is not None
+        with torch.inference_mode():
+            self.runner = make_batch_runner(target, [], fast=fast)
+            self.drafts = DraftBatch(make_batch_runner(draft, [], fast=fast, role="draft")) if drafting else None
+            sized = size_by_load and self.spec.name != "vanilla"
+            self.sizer = LoadSizer(batch_costs(target, fast=fast), batch_costs(draft, fast=fast) if drafting else None,
+                                   self.config.verify_budget - 1) if sized else None
+        self.rows: dict[int, SessionRow] = {}
+        self.active: list[int] = []
+
+    def __enter__(self) -> BatchSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.drafts is not None:
+            self.drafts.__exit__(*exc)
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.runner.compile_seconds + (self.drafts.runner.compile_seconds if self.drafts is not None else 0.0)
+
+    def add(self, prompt: Sequence[int], *, max_new_tokens: int, eos: set[int] = frozenset(),
+            stopping: Callable[[list[int]], bool] | None = None, verify: Callable = greedy_verify,
+            pool: PhrasePool | None = None) -> int:
+        """A new row, decoded from the next step on; returns its id. `pool=None`: a fresh phrase pool."""
+        prompt = list(prompt)
+        validate(self.target, torch.tensor([prompt]), self.draft, self.spec.name, max_new_tokens, self.config, pool)
+        index = len(self.rows)
+        pool = PhrasePool(self.config.level, self.config.pool_size) if pool is None else pool
+        with torch.inference_mode():
+            draft_runner = self.drafts.add(index) if self.drafts is not None else None
+            proposer = self.spec.build(Setup(prompt, self.config, pool, draft_runner, self.target, max_new_tokens,
+                                             None, self.fast))
+            self.runner.add(index)
+        self.rows[index] = SessionRow(index, prompt, Context(list(prompt), max_new_tokens), proposer, verify,
+                                      set(eos), stopping, time.perf_counter())
+        self.active.append(index)
+        return index
+
+    def cancel(self, row: int) -> None:
+        """End a running row now (a client that left): its cache slots are freed, the rest go on."""
+        if row in self.active:
+            self.rows[row].finish = "cancelled"
+            self._leave([row])
+
+    def step(self) -> list[int]:
+        """One step of every active row: propose, one target forward, verify, learn, emit. Returns the
+        rows that ended in it."""
+        rows = [self.rows[i] for i in self.active]
+        with torch.inference_mode():
+            proposals = self._propose(rows)
+            logits = self.runner.forward({row.index: (self.runner.rewind(row.index, row.context.tokens),
+                                                      proposals[row.index].tree) for row in rows})
+            ended = [row.index for row in rows if self._verify(row, proposals[row.index], logits[row.index],
+                                                               learn=proposals is not _PLAIN)]
+        self._leave(ended)
+        return ended
+
+    def _propose(self, rows: list[SessionRow]) -> dict[int, Proposal]:
+        """Each row's proposal: its proposer's, within the node budget the load allows (`_PLAIN`, no
+        proposer run at all, when that budget is 0)."""
+        budget = self.sizer.budget([row.index for row in rows]) if self.sizer is not None else None
+        if budget == 0:
+            return _PLAIN
+        calls = {}
+        for row in rows:
+            context = row.context if budget is None else Context(
+                row.context.tokens, min(row.context.remaining, budget + 1), nodes=budget)
+            calls[row.index] = partial(row.proposer.propose, context)
+        if self.drafts is None:
+            return {i: call() for i, call in calls.items()}
+        start = time.perf_counter()
+        proposals = self.drafts.propose(calls)
+        if self.sizer is not None and all(row.stats.accept_lengths for row in rows):  # not a prompt's prefill
+            self.sizer.observe_draft(time.perf_counter() - start, len(rows), budget)
+        return proposals
+
+    def _verify(self, row: SessionRow, proposal: Proposal, logits: torch.Tensor, learn: bool) -> bool:
+        """Verify a row's tree on its logits [1 + tree.total, vocab], keep, learn (unless the proposal
+        is not the proposer's: a step sized to plain decoding) and emit, as one step of `generate`;
+        True when the row has ended."""
+        result = row.verify(proposal.tree, logits)
+        self.runner.keep(row.index, result.path)
+        if self.sizer is not None:
+            self.sizer.row(row.index).observe(max(proposal.tree.depths, default=0), len(result.path))
+        if learn:
+            row.proposer.learn(row.context, proposal, result)
+        emitted, ended = emit(row.context, result, row.eos)
+        row.stats.accept_lengths.append(len(emitted))
+        if ended or (row.stopping is not None and row.stopping(row.new_tokens)):
+            row.finish = "stop"
+        elif row.context.remaining <= 0:
+            row.finish = "length"
+        return row.finish is not None
+
+    def _leave(self, ended: list[int]) -> None:
+        if not ended:
+            return
+        self._record(ended)
+        self.runner.drop(ended)
+        if self.drafts is not None:
+            self.drafts.drop(ended)
+        self.active = [i for i in self.active if i not in ended]
+
+    def _record(self, ended: list[int]) -> None:
+        """Each ended row's stats: its steps, tokens, events and the forwards that fed it."""
+        for index in ended:
+            row = self.rows[index]
+            stats = row.stats
+            stats.wall_time = time.perf_counter() - row.started
+            stats.target_forwards = len(stats.accept_lengths)
+            draft_log = row.proposer.draft_runner.log if row.proposer.draft_runner is not None else []
+            stats.draft_forwards = len(draft_log)
+            stats.forward_log = sorted(self.runner.row_log(index) + draft_log, key=lambda record: record.started)
+            stats.events = dict(row.proposer.events)
+            stats.new_tokens = len(row.new_tokens)
+            stats.compile_seconds = self.compile_seconds
+
+
+class _Plain(dict):
+    """A step's proposals when the load sizing chose plain decoding: no proposer ran."""
+
+    def __missing__(self, row: int) -> Proposal:
+        return Proposal(DraftTree(max_depth=0))
+
+
+_PLAIN = _Plain()
