@@ -115,7 +115,7 @@ def test_spread_branches_fill_the_budget_with_the_likeliest_chains():
     pool.insert(40, (41, 42))
     tree = DraftTree(max_depth=20)
     trunk = tree.add_chain([30, 31, 32])
-    drafting._spread(tree, Context([1, 2, 3], 21), trunk, [0.99, 0.3, 0.99], [50, 40, 52], [])
+    drafting._spread(tree, Context([1, 2, 3], 21), trunk, [0.99, 0.3, 0.99], [50, 40, 52], [], 6)
     assert tree.size <= 5
     runner_up = tree.child(trunk[0], 40)
     assert runner_up is not None and tree.child(runner_up, 41) is not None

@@ -279,6 +279,17 @@ def test_a_batch_of_one_row_runs_the_single_stream_loop(models):
         assert new_tokens(out, 0, width) == hf_greedy(target, PROMPTS[1], 12)
 
 
+@pytest.mark.parametrize("draft_kind", ["perturbed", None])
+def test_auto_in_a_batch_is_the_load_sizing_and_exact(models, eos_case, draft_kind):
+    """auto batches: the load sizing over ouroboros's proposals (prompt lookup's without a draft)."""
+    target, draft = models["target"], models.get(draft_kind)
+    eos, expected = eos_case
+    out = generate(target, PROMPTS, draft=draft, method="auto", max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
+    assert [new_tokens(out, i, len(row)) for i, row in enumerate(PROMPTS)] == expected
+    if draft is None:
+        assert all(stats.draft_forwards == 0 for stats in out.stats)
+
+
 @pytest.fixture(scope="module")
 def packaged(models, tmp_path_factory):
     """The tiny target's and perturbed draft's compiled packages, built once into a fresh folder."""
@@ -397,7 +408,6 @@ def test_prompts_longer_than_a_package_forward_are_fed_in_chunks(models, package
     (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
     (dict(prompts=[[1, 2], [3, 99]]), "outside the target's vocabulary"),
     (dict(prompts=[[1, 2], [3]], attention_mask=torch.ones(2, 2)), "not with a list"),
-    (dict(prompts=[[1, 2], [3]], method="auto"), "'auto' does not batch"),
     (dict(prompts=[[1, 2], [3]], streamer=object()), "streamer"),
     (dict(prompts=[[1, 2], [3]], pad_token_id=-1), "pad_token_id"),
 ])

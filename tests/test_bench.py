@@ -376,10 +376,11 @@ def test_batch_runs_each_group_in_one_call(pair, tmp_path, capsys):
     assert bench(pair, "--num-prompts", "4", "--batch", "2", "--methods", "vanilla,ouroboros,prompt_lookup,auto,"
                  "hf_assisted", "--out", str(out)) == 0
     printed = capsys.readouterr()
-    assert "--batch 2: skipping auto, hf_assisted, which cannot batch" in printed.err
+    assert "--batch 2: skipping hf_assisted, which cannot batch" in printed.err
     assert "agg tok/s" in printed.out and "peak RSS" in printed.out
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    methods = ["hf_vanilla", "vanilla", "vanilla_sequential", "ouroboros", "ouroboros_sequential", "prompt_lookup"]
+    methods = ["hf_vanilla", "vanilla", "vanilla_sequential", "ouroboros", "ouroboros_sequential", "prompt_lookup",
+               "auto"]
     assert results["settings"]["methods"] == methods and results["settings"]["batch"] == 2
     assert results["settings"]["peak_rss_mib"] > 0
     (run,) = results["runs"]

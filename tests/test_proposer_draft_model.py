@@ -5,7 +5,7 @@ from tiny_models import perturbed, tiny_model
 
 from ouroboros import OuroborosConfig, PhrasePool, generate
 from ouroboros.acceptance import StepResult
-from ouroboros.proposers import DraftModelProposer, NullProposer, Proposal
+from ouroboros.proposers import Context, DraftModelProposer, NullProposer, Proposal
 from ouroboros.tree import DraftTree
 
 VOCAB = 61
@@ -120,3 +120,27 @@ def test_forward_log_records_both_models():
     assert first.cached == 0 and first.fed >= ids.shape[1]
     assert all(r.seconds > 0 for r in log)
     assert [r.started for r in log] == sorted(r.started for r in log)
+
+
+class NoForwards:
+    """A draft runner that must not be used."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the draft model was asked for {name}")
+
+
+def test_without_the_draft_model_it_proposes_the_contexts_continuation_or_a_pool_phrase():
+    """A batch's load sizing may forbid draft forwards (Context.draft_model False): the trunk is then
+    the context's own continuation where a suffix of 2+ tokens matches, else the pool's phrase for
+    the last token, else nothing; the node budget holds, and the draft model is never run."""
+    pool = PhrasePool(level=3, capacity=4)
+    proposer = DraftModelProposer(runner=NoForwards(), drafter=NullProposer(), pool=pool,
+                                  config=OuroborosConfig(level=3, pool_size=4), lengthen=True, harvest=True,
+                                  context_phrases=False)
+    repeated = [5, 6, 7, 8, 9, 5, 6]  # "5 6" seen before: 7 8 9 follows
+    proposal = proposer.propose(Context(repeated, 100, nodes=2, draft_model=False))
+    assert [proposal.tree.tokens[node] for node in proposal.trunk] == [7, 8] and proposal.tree.size <= 2
+    pool.insert(4, (11, 12))
+    proposal = proposer.propose(Context([1, 2, 3, 4], 100, nodes=3, draft_model=False))
+    assert [proposal.tree.tokens[node] for node in proposal.trunk] == [11, 12]
+    assert proposer.propose(Context([1, 2, 3, 13], 100, nodes=3, draft_model=False)).tree.size == 0

@@ -3,7 +3,9 @@ forward, and rows leave when they end or are cancelled (continuous batching).
 
 Every row keeps its own proposer, context, budget, EOS, stop rule and sampler, so each row's tokens
 are exactly what `generate` gives it alone, whatever joins or leaves around it. The draft model runs
-batched too (`DraftBatch`), and each step's draft is sized to the batch's load (`batch_sizing`).
+batched too (`DraftBatch`), and each step's draft is sized to the batch's load (`batch_sizing`). In a
+batch, `method="auto"` is that sizing over ouroboros's proposals (prompt lookup's without a draft
+model): per step it picks, from measured costs, how much to speculate, down to plain decoding.
 Memory: each row holds its own slots in the target's and draft's caches (its prompt and new tokens,
 plus the widest step's), freed when it leaves; a caller bounds it by how many rows it adds.
 """
@@ -23,7 +25,6 @@ from .batch_draft import DraftBatch
 from .batch_runner import make_batch_runner
 from .batch_sizing import LoadSizer
 from .config import OuroborosConfig
-from .errors import InvalidArgumentError
 from .methods import Setup, get_method
 from .pool import PhrasePool
 from .proposers import Context, Proposal, Proposer
@@ -63,8 +64,9 @@ class BatchSession:
     def __init__(self, target, draft=None, *, method: str = "ouroboros", config: OuroborosConfig | None = None,
                  fast: bool | None = None, size_by_load: bool = True):
         self.spec = get_method(method)
-        if self.spec.name == "auto":
-            raise InvalidArgumentError("method 'auto' does not batch yet: pick a method, or call generate once per row")
+        if self.spec.name == "auto":  # in a batch, auto is the load sizing over ouroboros's proposals
+            self.spec = get_method("ouroboros" if draft is not None else "prompt_lookup")
+            size_by_load = True
         self.target, self.draft, self.fast = target, draft, fast
         self.config = OuroborosConfig() if config is None else config
         drafting = self.spec.takes_draft and draft is not None
@@ -76,6 +78,8 @@ class BatchSession:
                                    self.config.verify_budget - 1) if sized else None
         self.rows: dict[int, SessionRow] = {}
         self.active: list[int] = []
+        self._drafts = True
+        """Whether the last step's proposals could run the draft model (the load sizing's mode)."""
 
     def __enter__(self) -> BatchSession:
         return self
@@ -126,21 +130,22 @@ class BatchSession:
         return ended
 
     def _propose(self, rows: list[SessionRow]) -> dict[int, Proposal]:
-        """Each row's proposal: its proposer's, within the node budget the load allows (`_PLAIN`, no
-        proposer run at all, when that budget is 0)."""
-        budget = self.sizer.budget([row.index for row in rows]) if self.sizer is not None else None
+        """Each row's proposal: its proposer's, within the node budget and drafting mode the load
+        allows (`_PLAIN`, no proposer run at all, when that budget is 0)."""
+        budget, drafts = self.sizer.plan([row.index for row in rows]) if self.sizer is not None else (None, True)
         if budget == 0:
             return _PLAIN
+        self._drafts = drafts
         calls = {}
         for row in rows:
             context = row.context if budget is None else Context(
-                row.context.tokens, min(row.context.remaining, budget + 1), nodes=budget)
+                row.context.tokens, min(row.context.remaining, budget + 1), nodes=budget, draft_model=drafts)
             calls[row.index] = partial(row.proposer.propose, context)
         if self.drafts is None:
             return {i: call() for i, call in calls.items()}
         start = time.perf_counter()
         proposals = self.drafts.propose(calls)
-        if self.sizer is not None and all(row.stats.accept_lengths for row in rows):  # not a prompt's prefill
+        if self.sizer is not None and drafts and all(row.stats.accept_lengths for row in rows):  # not a prefill
             self.sizer.observe_draft(time.perf_counter() - start, len(rows), budget)
         return proposals
 
@@ -150,8 +155,8 @@ class BatchSession:
         True when the row has ended."""
         result = row.verify(proposal.tree, logits)
         self.runner.keep(row.index, result.path)
-        if self.sizer is not None:
-            self.sizer.row(row.index).observe(max(proposal.tree.depths, default=0), len(result.path))
+        if self.sizer is not None and learn:
+            self.sizer.row(row.index, self._drafts).observe(max(proposal.tree.depths, default=0), len(result.path))
         if learn:
             row.proposer.learn(row.context, proposal, result)
         emitted, ended = emit(row.context, result, row.eos)

@@ -41,10 +41,10 @@ class Method:
     @property
     def batches(self) -> bool:
         """Whether --batch N runs this contestant on N prompts in one call: HF greedy (left padded),
-        the vLLM peers, and every engine method but auto (which `generate` refuses to batch)."""
+        the vLLM peers, and every engine method."""
         if self.sequential:
             return False
-        return self.hf == "greedy" or bool(self.peer) or (self.engine is not None and self.engine != "auto")
+        return self.hf == "greedy" or bool(self.peer) or self.engine is not None
 
     @property
     def needs_draft(self) -> bool:

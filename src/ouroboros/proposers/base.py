@@ -29,6 +29,9 @@ class Context:
     nodes: int | None = None
     """Most tree nodes this step may verify, set by a batch's load sizing (`batch_sizing`); None: the
     proposer's own budget."""
+    draft_model: bool = True
+    """Whether this step may run the draft model; False (a batch's load sizing): propose only what
+    costs no draft forward (the context's own continuation, pool phrases)."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from .prompt_lookup import likely_continuation
 
 LONGEST_MATCH = 32
 """Longest suffix match looked for in the context (longer matches change no decision)."""
+FREE_MATCH = 2
+"""Context tokens a suffix must match for its continuation to be drafted without the draft model."""
 
 
 class AcceptanceEstimate:
@@ -126,10 +128,14 @@ class DraftModelProposer:
         if context.nodes is not None:
             room = min(room, context.nodes)
         match, known = 0, []
-        if config.draft_free or config.spread_branches:
+        if config.draft_free or config.spread_branches or not context.draft_model:
             match, known = likely_continuation(torch.tensor(context.tokens), LONGEST_MATCH, room)
         confidence, runner_up = [], []
-        if config.draft_free and match >= config.free_match and known:
+        if not context.draft_model:  # only what costs no draft forward: the context's or the pool's continuation
+            phrase = known if match >= FREE_MATCH and known else next(iter(self.pool.follow(context.tokens, 1)), ())
+            trunk = tree.add_chain(list(phrase)[:room], source="context" if phrase == known else "pool")
+            self.events["draft_free"] += bool(trunk)
+        elif config.draft_free and match >= config.free_match and known:
             trunk = tree.add_chain(known, source="context")
             self.events["draft_free"] += 1
         else:
