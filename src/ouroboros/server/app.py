@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from ..arguments import DEFAULT_METHOD
 from ..config import OuroborosConfig
+from ..cost_cache import cost_table
 from ..errors import InvalidArgumentError, OuroborosError
 from ..methods import get_method
 from ..model_facts import context_length, vocab_size
@@ -83,13 +84,14 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                pool_save_interval: float = 300.0, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                max_queue: int = DEFAULT_MAX_QUEUE, fast: bool | None = None, warm_up: bool = True,
-               on_ready: Callable[[float], None] | None = None) -> FastAPI:
+               on_ready: Callable[[float], None] | None = None, max_batch: int = 1) -> FastAPI:
     """The FastAPI app serving `target` (with `draft`); `method` defaults to `ouroboros serve`'s, so
     an app built in Python serves what the command does. Raises the package's errors (ValueError
     subclasses) for bad settings or an unusable pool file, before anything is served. The worker
     starts and stops with the app's lifespan; with `warm_up` it first runs one short generation
     (compiling the fast path), /health answering 503 "warming up" until then, and calls
-    `on_ready(seconds)` when done. Requests that come meanwhile wait in the queue."""
+    `on_ready(seconds)` when done. Requests that come meanwhile wait in the queue; up to `max_batch`
+    of them are decoded together, joining and leaving at any step (`batching`)."""
     config = OuroborosConfig() if config is None else config
     spec = get_method(method)
     if pool_mode not in POOL_MODES:
@@ -116,15 +118,13 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
         pool = (open_pool_file(Path(pool_file), config, fingerprint) if pool_file is not None
                 else PhrasePool(config.level, config.pool_size))
     name = model_name or Path(getattr(target, "name_or_path", "") or "").name or "ouroboros"
-    costs = None
-    if method == "auto":  # measured (or read from the cache) now, not on the first request
-        from ..cost_cache import cost_table
-
-        costs = cost_table(target, draft if uses_draft else None, fast=fast, progress=True)
+    # auto's costs are measured (or read from the cache) now, not on the first request
+    costs = cost_table(target, draft if uses_draft else None, fast=fast, progress=True) if method == "auto" else None
     engine = Engine(target, draft, tokenizer, method=method, config=config, pool=pool, costs=costs, fast=fast,
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
-                    save_interval=pool_save_interval, max_queue=max_queue, warm_up=warm_up, on_ready=on_ready)
+                    save_interval=pool_save_interval, max_queue=max_queue, warm_up=warm_up, on_ready=on_ready,
+                    max_batch=max_batch)
     limits = [limit for limit in map(context_length, [target, draft] if uses_draft else [target])
               if limit is not None]
     settings = _Settings(name, api_key.encode() if api_key is not None else None, max_body_bytes,

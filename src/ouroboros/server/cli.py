@@ -48,6 +48,9 @@ def add_serve_parser(subparsers) -> None:
     serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                        help=f"requests that may wait behind the running one; more get 503 with Retry-After "
                             f"(default {DEFAULT_MAX_QUEUE})")
+    serve.add_argument("--max-batch", type=int, default=1,
+                       help="requests decoded together, joining and leaving the batch at any step (continuous "
+                            "batching; default 1: one at a time)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(serve)
     add_config_arguments(serve)
@@ -56,8 +59,8 @@ def add_serve_parser(subparsers) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the target (with its draft) over an OpenAI-compatible HTTP API: /v1/completions,
-    /v1/chat/completions, /v1/models, /health and /metrics. Requests run one at a time; Ctrl-C stops
-    the server and saves --pool-file."""
+    /v1/chat/completions, /v1/models, /health and /metrics. Requests run one at a time, or with
+    --max-batch N up to N together (continuous batching); Ctrl-C stops the server and saves --pool-file."""
     import uvicorn
 
     from ..loading import load_pair
@@ -65,7 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
-    check_minimums(("--max-queue", args.max_queue, 0), ("--default-max-tokens", args.default_max_tokens, 1))
+    check_minimums(("--max-queue", args.max_queue, 0), ("--default-max-tokens", args.default_max_tokens, 1),
+                   ("--max-batch", args.max_batch, 1))
     if args.pool_file is not None and args.pool_mode != "shared":
         raise InvalidArgumentError("--pool-file needs --pool shared: a per-request pool is never kept")
     check_model_arguments(args, needs_draft=get_method(args.method).needs_draft, what=f"--method {args.method}")
@@ -75,11 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(target, draft, tokenizer, config=config, method=args.method, pool_mode=args.pool_mode,
                      pool_file=args.pool_file, pool_save_interval=args.pool_save_interval, api_key=api_key,
                      model_name=args.model_name, default_max_tokens=args.default_max_tokens,
-                     max_queue=args.max_queue, fast=fast_from_args(args), on_ready=_say_ready)
+                     max_queue=args.max_queue, fast=fast_from_args(args), on_ready=_say_ready,
+                     max_batch=args.max_batch)
     sock = _listen(args.host, args.port)
     compiles = fast_path_blocker(target, fast_from_args(args)) is None
     print(banner(f"http://{_url_host(args.host)}:{sock.getsockname()[1]}", app.state.model_name, args.method,
-                 api_key is not None, args.max_queue, compiles), flush=True)
+                 api_key is not None, args.max_queue, compiles, args.max_batch), flush=True)
     if api_key is None and args.host not in LOCAL_HOSTS:
         print(f"ouroboros serve: warning: listening on {args.host} without an API key: anyone who can reach "
               f"this port can use the models (set {API_KEY_ENV} or --api-key)", file=sys.stderr)
@@ -96,7 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def banner(url: str, model: str, method: str, key_required: bool, max_queue: int, compiles: bool = False) -> str:
+def banner(url: str, model: str, method: str, key_required: bool, max_queue: int, compiles: bool = False,
+           max_batch: int = 1) -> str:
     """What a user needs to connect: where, which model id to send, how it decodes, whether a key is
     needed, and that a warm-up runs first."""
     key = f"required (Authorization: Bearer ..., from --api-key or ${API_KEY_ENV})" if key_required else "none"
@@ -107,7 +113,8 @@ def banner(url: str, model: str, method: str, key_required: bool, max_queue: int
         f"  model id: {model}",
         f"  method:   {method}",
         f"  API key:  {key}",
-        f"  queue:    1 running + up to {max_queue} waiting, then 503 with Retry-After",
+        f"  queue:    {max_batch} running together + up to {max_queue} waiting, then 503 with Retry-After"
+        if max_batch > 1 else f"  queue:    1 running + up to {max_queue} waiting, then 503 with Retry-After",
         f"  warm-up:  {warm_up}; /health answers 503 \"warming up\" until ready, requests wait",
     ])
 

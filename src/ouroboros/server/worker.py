@@ -1,7 +1,8 @@
-"""The job queue and the worker thread: requests run one at a time on the loaded pair.
+"""The job queue and the worker thread: requests run one at a time on the loaded pair, or with
+`max_batch` > 1 as rows of one continuously batched decoding (`batching`).
 
-The models, their caches and the phrase pool are not thread-safe, and a CPU gains nothing from two
-generations at once, so one thread runs every generation. The queue is bounded: beyond `max_queue`
+The models, their caches and the phrase pool are not thread-safe, so one thread runs every
+generation. The queue is bounded: beyond `max_queue`
 waiting requests a new one is refused at once (503 with Retry-After) rather than left to wait for
 minutes and time out.
 """
@@ -22,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from ..aot import MAX_ROWS
 from ..config import OuroborosConfig
-from ..errors import ConfigError, OuroborosError
+from ..errors import ConfigError, InvalidArgumentError, OuroborosError
 from ..generation import generate
 from ..methods import get_method
 from ..pool import PhrasePool
+from .batching import run_batched
 from .metrics import Metrics
 from .schema import APIError, from_package_error, internal_error
 
@@ -137,7 +140,7 @@ class Engine:
 
     def __init__(self, target, draft, tokenizer, *, method: str, config: OuroborosConfig, pool: PhrasePool | None,
                  pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int, costs=None,
-                 fast: bool | None = None, warm_up: bool = True, on_ready=None):
+                 fast: bool | None = None, warm_up: bool = True, on_ready=None, max_batch: int = 1):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.warm_up = warm_up
         self.ready = threading.Event()
@@ -151,12 +154,17 @@ class Engine:
         self.method, self.config, self.pool = method, config, pool
         self.pool_file, self.pool_metadata, self.save_interval = pool_file, pool_metadata, save_interval
         self.max_queue = max_queue
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_ROWS:
+            raise InvalidArgumentError(f"max_batch must be an int in 1..{MAX_ROWS}, got {max_batch!r}")
+        self.max_batch = max_batch
+        """Requests decoded together (continuous batching, `batching`); 1: one at a time."""
         self.tokenizer_lock = threading.Lock()
         """Held for every tokenizer call: Rust tokenizers can fail when used from two threads at once."""
         self.metrics = Metrics(pool_phrases=len(pool) if pool is not None else 0)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: list[Job] = []
+        """The jobs being generated: one at a time, or up to `max_batch` rows of one batch."""
         self._closing = False
         self._dirty = False
         self._next_save = time.monotonic() + save_interval
@@ -172,7 +180,23 @@ class Engine:
     def queue_depth(self) -> tuple[int, int]:
         """(waiting, running)"""
         with self._cond:
-            return len(self._waiting), int(self._running is not None)
+            return len(self._waiting), len(self._running)
+
+    def next_jobs(self, room: int, idle: bool) -> list[Job] | None:
+        """For the batched loop: up to `room` waiting jobs, in arrival order (waiting for one while
+        `idle`, or until the pool's next save); None once the engine is closing."""
+        with self._cond:
+            if idle and not self._waiting and not self._closing:
+                self._cond.wait(self.seconds_to_save())
+            if self._closing:
+                return None
+            jobs = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            self._running += jobs
+            return jobs
+
+    def set_running(self, jobs: list[Job]) -> None:
+        with self._cond:
+            self._running = list(jobs)
 
     def submit(self, job: Job, endpoint: str) -> None:
         """Queue `job`, or refuse it (503) when shutting down or when `max_queue` jobs already wait
@@ -180,7 +204,7 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise _shutting_down()
-            if len(self._waiting) + (self._running is not None) > self.max_queue:
+            if len(self._waiting) + bool(self._running) > self.max_queue:
                 raise APIError(503, f"the server is busy: {len(self._waiting)} requests are already waiting "
                                     f"(--max-queue {self.max_queue}); retry later", type="server_error",
                                code="queue_full", headers={"Retry-After": str(self._retry_after())})
@@ -210,13 +234,13 @@ class Engine:
         with self._cond:
             self._closing = True
             waiting, self._waiting = list(self._waiting), deque()
-            running = self._running
+            running = list(self._running)
             self._cond.notify_all()
         for job in waiting:
             job.finished = True
             job.emit("error", _shutting_down())
-        if running is not None:
-            running.cancelled.set()
+        for job in running:
+            job.cancelled.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
             if self._thread.is_alive():
@@ -257,6 +281,9 @@ class Engine:
                          method=method, max_new_tokens=WARM_UP_TOKENS, config=self.config,
                          pool=PhrasePool(self.config.level, self.config.pool_size), costs=self.costs,
                          fast=self.fast)
+            if self.max_batch > 1:  # the batched forwards' costs (measured once per machine) and shapes
+                generate(self.target, [ids, ids[: len(ids) // 2]], draft=self.draft, method=self.method,
+                         max_new_tokens=WARM_UP_TOKENS, config=self.config, fast=self.fast, eos_token_id=[])
         except Exception:
             log.exception("the warm-up generation failed; serving without it")
         finally:
@@ -274,26 +301,32 @@ class Engine:
 
     def _work(self) -> None:
         self._warm_up()
+        if self.max_batch > 1:
+            run_batched(self)
+            return
         while True:
             with self._cond:
                 if not self._waiting and not self._closing:
-                    self._cond.wait(self._seconds_to_save())
+                    self._cond.wait(self.seconds_to_save())
                 if self._closing:
                     return
                 job = self._waiting.popleft() if self._waiting else None
-                self._running = job
+                self._running = [job] if job is not None else []
             if job is not None:
                 try:
                     self._run(job)
                 finally:
                     with self._cond:
-                        self._running = None
-            if self.pool_file is not None and time.monotonic() >= self._next_save:
-                if self._dirty:
-                    self.save_pool()
-                self._next_save = time.monotonic() + self.save_interval
+                        self._running = []
+            self.save_pool_when_due()
 
-    def _seconds_to_save(self) -> float | None:
+    def save_pool_when_due(self) -> None:
+        if self.pool_file is not None and time.monotonic() >= self._next_save:
+            if self._dirty:
+                self.save_pool()
+            self._next_save = time.monotonic() + self.save_interval
+
+    def seconds_to_save(self) -> float | None:
         return None if self.pool_file is None else max(self._next_save - time.monotonic(), 0.0)
 
     def _run(self, job: Job) -> None:
@@ -310,13 +343,13 @@ class Engine:
         except Exception:  # a bug or an exhausted machine must fail this request, not the server
             log.exception("generation failed (request id %s)", job.id)
             error = internal_error(job.id)
-        finish = self._record(job, out, tracker)
+        finish = self.record(job, out, tracker)
         if out is None:
             job.emit("error", error)
         else:
             job.emit("done", Result(tracker.text, finish, len(job.prompt_ids), out.stats.new_tokens))
 
-    def _record(self, job: Job, out, tracker: TextTracker) -> str:
+    def record(self, job: Job, out, tracker: TextTracker) -> str:
         """Count the finished job in the metrics, mark it finished, and return its finish reason."""
         if out is None:
             finish = "error"

@@ -1,0 +1,130 @@
+"""Continuous batching for `ouroboros serve --max-batch N`: a request joins the running batch at the
+next step and leaves when it ends, hits a stop string, or its client goes away (`BatchSession`).
+
+Each request's text is exactly what it gets alone: the session decodes every row as `generate` does
+on its own, and the request's stream, stop strings and metrics go through the same `TextTracker`
+and counters as the one-at-a-time worker. A request's prompt is fed in a forward of its own on the
+compiled packages, so it does not widen the running rows' forward to its length. A request that
+`BatchSession.add` refuses gets its own error; a failure inside a step ends the requests of that
+step with a 500 each (the traceback in the log) and the batch starts afresh for the next ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from ..batch_session import BatchSession
+from ..errors import OuroborosError
+from ..model_facts import eos_token_ids
+from ..request import make_verifier
+from .schema import from_package_error, internal_error
+
+log = logging.getLogger("ouroboros.server")
+
+__all__ = ["run_batched"]
+
+
+@dataclass
+class _Running:
+    job: object
+    tracker: object
+    sent: int = 0
+    """New tokens already handed to the tracker."""
+
+
+def run_batched(engine) -> None:
+    """The worker's loop: admit waiting requests up to `engine.max_batch` rows, step, stream, finish."""
+    while True:
+        session = BatchSession(engine.target, engine.draft, method=engine.method, config=engine.config,
+                               fast=engine.fast)
+        with session:
+            if not _serve(engine, session):
+                return
+
+
+def _serve(engine, session: BatchSession) -> bool:
+    """Run `session` until the engine closes (False) or a step fails (True: start a new session)."""
+    rows: dict[int, _Running] = {}
+    while True:
+        jobs = engine.next_jobs(engine.max_batch - len(rows), idle=not rows)
+        if jobs is None:  # closing: the running requests end now with their text so far, as when alone
+            for index, running in rows.items():
+                session.cancel(index)
+                _finish(engine, session, index, running)
+            return False
+        for job in jobs:
+            _admit(engine, session, rows, job)
+        if rows:
+            try:
+                ended = session.step()
+            except Exception as exc:  # the step's requests fail, each with its own error; the server goes on
+                _fail_all(engine, rows, exc)
+                return True
+            for index, running in list(rows.items()):
+                _stream(session, index, running)
+                if running.job.cancelled.is_set() and index in session.active:
+                    session.cancel(index)
+                    ended.append(index)
+            for index in ended:
+                _finish(engine, session, index, rows.pop(index))
+        engine.set_running([running.job for running in rows.values()])
+        engine.save_pool_when_due()
+
+
+def _admit(engine, session: BatchSession, rows: dict[int, _Running], job) -> None:
+    from .worker import TextTracker  # worker imports this module
+
+    tracker = TextTracker(engine.decode, job.stop, (lambda text: job.emit("text", text)) if job.stream else None)
+    tracker.put(torch.tensor(job.prompt_ids))  # its first call carries the prompt
+    running = _Running(job, tracker)
+
+    def stopping(new: list[int]) -> bool:  # after each step: this step's text out, then the stop rule
+        _push(running, new)
+        return job.cancelled.is_set() or tracker.stopped
+
+    options = {"top_k": 0, "min_p": 0.0, "seed": None, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+               **job.sampling}
+    try:
+        index = session.add(job.prompt_ids, max_new_tokens=job.max_tokens, eos=set(eos_token_ids(engine.target, None)),
+                            stopping=stopping, pool=engine.pool, verify=make_verifier(generator=None, **options))
+    except OuroborosError as exc:  # a request the session refuses that the schema let through
+        engine.record(job, None, tracker)
+        job.emit("error", from_package_error(exc))
+        return
+    rows[index] = running
+
+
+def _push(running: _Running, new: list[int]) -> None:
+    if len(new) > running.sent:
+        running.tracker.put(torch.tensor(new[running.sent:]))
+        running.sent = len(new)
+
+
+def _stream(session: BatchSession, index: int, running: _Running) -> None:
+    """Hand a row's tokens of this step to its tracker (a row that ended on EOS was not asked to stop)."""
+    _push(running, session.rows[index].new_tokens)
+
+
+def _finish(engine, session: BatchSession, index: int, running: _Running) -> None:
+    from .worker import Result
+
+    row = session.rows[index]
+    running.tracker.finish()
+    out = SimpleNamespace(stats=row.stats, finish_reason="length" if row.finish == "length" else "stop")
+    finish = engine.record(running.job, out, running.tracker)
+    running.job.emit("done", Result(running.tracker.text, finish, len(row.prompt), row.stats.new_tokens))
+
+
+def _fail_all(engine, rows: dict[int, _Running], exc: Exception) -> None:
+    if isinstance(exc, OuroborosError):
+        errors = {index: from_package_error(exc) for index in rows}
+    else:
+        log.exception("a batched step failed (request ids %s)", ", ".join(r.job.id for r in rows.values()))
+        errors = {index: internal_error(running.job.id) for index, running in rows.items()}
+    for index, running in rows.items():
+        engine.record(running.job, None, running.tracker)
+        running.job.emit("error", errors[index])

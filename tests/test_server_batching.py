@@ -1,0 +1,102 @@
+"""`ouroboros serve --max-batch N`: requests decoded together, joining and leaving the running batch
+at any step. Through the real `openai` client: every answer equals the request alone (and the
+target's greedy output), clients that leave mid-stream free their row while the others go on, and
+the counters add up."""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from server_helpers import (  # noqa: E402
+    MODEL,
+    PROMPTS,
+    TOKENIZER,
+    client,
+    decode,
+    hf_greedy,
+    make_pair,
+    metrics,
+    serving,
+    wait_for,
+)
+
+from ouroboros import InvalidArgumentError  # noqa: E402
+from ouroboros.server import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def batched():
+    """A server decoding up to 4 requests together, on a target that never emits EOS."""
+    target, draft = make_pair(eos=None, arch="llama", seed=3, context=4096)
+    with serving(create_app(target, draft, TOKENIZER, model_name=MODEL, max_batch=4)) as url:
+        yield url, target
+
+
+def test_concurrent_clients_get_exactly_their_solo_answers(batched):
+    url, target = batched
+    lengths = {p: 4 + 3 * (i % 4) for i, p in enumerate(PROMPTS)}  # rows end at different steps
+    expected = {p: decode(hf_greedy(target, TOKENIZER(p).input_ids, lengths[p])) for p in PROMPTS}
+
+    def run(i: int) -> list[tuple[str, str]]:
+        c = client(url, timeout=90)
+        answers = []
+        for j in range(3):
+            prompt = PROMPTS[(i + j) % len(PROMPTS)]
+            if (i + j) % 2:
+                text = "".join(ch.choices[0].text for ch in c.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=lengths[prompt], stream=True))
+            else:
+                text = c.completions.create(model=MODEL, prompt=prompt, max_tokens=lengths[prompt]).choices[0].text
+            answers.append((prompt, text))
+        return answers
+
+    before = metrics(url)
+    with ThreadPoolExecutor(12) as pool:
+        answers = [answer for f in [pool.submit(run, i) for i in range(12)] for answer in f.result(timeout=180)]
+    assert len(answers) == 36 and all(text == expected[prompt] for prompt, text in answers)
+    m = metrics(url)
+    assert m["ouroboros_queue_depth"] == 0 and m["ouroboros_requests_running"] == 0
+    finished = 'ouroboros_requests_finished_total{reason="length"}'
+    assert m[finished] - before[finished] == 36
+    # batched: fewer target forwards than the requests' steps one at a time would take
+    steps = sum(lengths[prompt] for prompt, _ in answers)
+    assert m["ouroboros_target_forwards_total"] - before["ouroboros_target_forwards_total"] <= steps
+
+
+def test_clients_that_leave_mid_stream_free_their_rows_and_the_others_go_on(batched):
+    url, target = batched
+    before = metrics(url)
+    aborted = 'ouroboros_requests_finished_total{reason="aborted"}'
+    expected = decode(hf_greedy(target, TOKENIZER(PROMPTS[2]).input_ids, 40))
+    with ThreadPoolExecutor(1) as pool:
+        with contextlib.ExitStack() as leaving:
+            streams = []  # kept: a line iterator that is dropped closes its response
+            for _ in range(2):
+                response = leaving.enter_context(httpx.stream(
+                    "POST", url + "/v1/completions", timeout=30,
+                    json={"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "stream": True}))
+                streams.append(response.iter_lines())
+                assert next(line for line in streams[-1] if line).startswith("data: {")
+            staying = pool.submit(lambda: client(url).completions.create(model=MODEL, prompt=PROMPTS[2],
+                                                                         max_tokens=40).choices[0].text)
+            # answered beside the two long streams, not behind them (they would take 4000 tokens each)
+            assert staying.result(timeout=60) == expected
+            assert metrics(url)["ouroboros_requests_running"] == 2
+        wait_for(lambda: metrics(url)[aborted] == before[aborted] + 2)
+    m = metrics(url)
+    assert m["ouroboros_requests_running"] == 0
+    assert m["ouroboros_generated_tokens_total"] - before["ouroboros_generated_tokens_total"] < 2 * 4000
+
+
+@pytest.mark.parametrize("max_batch", [0, 65, 2.5, True])
+def test_max_batch_must_be_a_row_count(max_batch):
+    target, draft = make_pair()
+    with pytest.raises(InvalidArgumentError, match="max_batch"):
+        create_app(target, draft, TOKENIZER, model_name=MODEL, max_batch=max_batch)
