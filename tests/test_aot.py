@@ -174,3 +174,23 @@ def test_the_default_path_stays_eager_where_building_could_run_out_of_memory(mon
     assert compile_not_worth(model) is None
     monkeypatch.setattr(aot, "_available_memory", lambda: None)  # not Linux: nothing to go by
     assert compile_not_worth(model) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_attention_in_packages_is_the_same_attention(dtype):
+    """Packages are traced with SDPA's own grouped-query support instead of transformers' copies of
+    every key-value head: the same result, bit for bit, with a tree mask and rows of a batch; the
+    switch is put back after the build."""
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 12, 5, 64, generator=g).to(dtype)
+    keys, values = (torch.randn(3, 2, 40, 64, generator=g).to(dtype) for _ in range(2))
+    mask = torch.zeros(3, 1, 5, 40, dtype=dtype)
+    mask[..., 30:] = torch.finfo(dtype).min
+    mask[1, :, 2, 10:20] = torch.finfo(dtype).min
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    copied = sdpa(query, keys.repeat_interleave(6, 1), values.repeat_interleave(6, 1), attn_mask=mask)
+    assert torch.equal(sdpa(query, keys, values, attn_mask=mask, enable_gqa=True), copied)
+    before = os.environ.get(aot.GQA_ENV)
+    with aot._grouped_query_attention():
+        assert os.environ[aot.GQA_ENV] == "1"
+    assert os.environ.get(aot.GQA_ENV) == before

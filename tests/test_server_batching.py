@@ -28,6 +28,7 @@ from server_helpers import (  # noqa: E402
 )
 
 from ouroboros import InvalidArgumentError  # noqa: E402
+from ouroboros.batch_session import BatchSession  # noqa: E402
 from ouroboros.server import create_app  # noqa: E402
 
 
@@ -65,9 +66,9 @@ def test_concurrent_clients_get_exactly_their_solo_answers(batched):
     assert m["ouroboros_queue_depth"] == 0 and m["ouroboros_requests_running"] == 0
     finished = 'ouroboros_requests_finished_total{reason="length"}'
     assert m[finished] - before[finished] == 36
-    # batched: fewer target forwards than the requests' steps one at a time would take
-    steps = sum(lengths[prompt] for prompt, _ in answers)
-    assert m["ouroboros_target_forwards_total"] - before["ouroboros_target_forwards_total"] <= steps
+    steps = m["ouroboros_batch_steps_total"] - before["ouroboros_batch_steps_total"]
+    rows = m["ouroboros_batch_rows_total"] - before["ouroboros_batch_rows_total"]
+    assert steps > 0 and rows / steps > 1.5, (rows, steps)  # requests were decoded together
 
 
 def test_clients_that_leave_mid_stream_free_their_rows_and_the_others_go_on(batched):
@@ -93,6 +94,28 @@ def test_clients_that_leave_mid_stream_free_their_rows_and_the_others_go_on(batc
     m = metrics(url)
     assert m["ouroboros_requests_running"] == 0
     assert m["ouroboros_generated_tokens_total"] - before["ouroboros_generated_tokens_total"] < 2 * 4000
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(batched, monkeypatch, caplog):
+    url, target = batched
+    real, failures = BatchSession.step, []
+
+    def step(self):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug inside a step")
+        return real(self)
+
+    monkeypatch.setattr(BatchSession, "step", step)
+    before = metrics(url)
+    with pytest.raises(openai.InternalServerError, match="internal error"):
+        client(url).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5)
+    assert "a bug inside a step" in caplog.text
+    text = client(url).completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=5).choices[0].text
+    assert text == decode(hf_greedy(target, TOKENIZER(PROMPTS[1]).input_ids, 5))
+    m = metrics(url)
+    error = 'ouroboros_requests_finished_total{reason="error"}'
+    assert m[error] == before[error] + 1 and m["ouroboros_requests_running"] == 0
 
 
 @pytest.mark.parametrize("max_batch", [0, 65, 2.5, True])

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .aot import FORMAT as PACKAGE_FORMAT
 from .costs import CostTable, ModelCosts
 from .errors import ConfigError
 from .files import write_json_atomically
@@ -87,9 +88,12 @@ def environment_key(model, runner: str = "eager") -> dict:
     import transformers
 
     parameter = next(model.parameters())
-    return {"device": str(parameter.device), "hardware": hardware(parameter.device),
-            "dtype": str(parameter.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-            "runner": runner, "torch": torch.__version__, "transformers": transformers.__version__}
+    key = {"device": str(parameter.device), "hardware": hardware(parameter.device),
+           "dtype": str(parameter.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+           "runner": runner, "torch": torch.__version__, "transformers": transformers.__version__}
+    if runner == "compiled" and parameter.device.type == "cpu":  # another package format runs other code
+        key["package"] = PACKAGE_FORMAT
+    return key
 
 
 def measure_costs(model, tokens=MEASURED_TOKENS, cached=MEASURED_CACHED, repeats: int = REPEATS,

@@ -58,11 +58,13 @@ def _serve(engine, session: BatchSession) -> bool:
             return False
         for job in jobs:
             _admit(engine, session, rows, job)
+        stepped = len(rows)
         if rows:
             try:
                 ended = session.step()
             except Exception as exc:  # the step's requests fail, each with its own error; the server goes on
                 _fail_all(engine, rows, exc)
+                engine.stepped([], 0)
                 return True
             for index, running in list(rows.items()):
                 _stream(session, index, running)
@@ -71,7 +73,7 @@ def _serve(engine, session: BatchSession) -> bool:
                     ended.append(index)
             for index in ended:
                 _finish(engine, session, index, rows.pop(index))
-        engine.set_running([running.job for running in rows.values()])
+        engine.stepped([running.job for running in rows.values()], stepped)
         engine.save_pool_when_due()
 
 

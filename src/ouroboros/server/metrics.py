@@ -25,6 +25,9 @@ class Metrics:
     """method="auto": how often each arm was the plan's start."""
     draft_trunks: dict = field(default_factory=lambda: {"full": 0, "partial": 0})
     """Draft-model trunks the target accepted whole or in part (the draft's acceptance)."""
+    batch_steps: int = 0
+    batch_rows: int = 0
+    """--max-batch > 1: batched steps, and the rows they decoded (summed over steps)."""
 
     def count_events(self, events: dict, plan_start: str) -> None:
         """Add one generation's acceptance and auto counters."""
@@ -66,7 +69,9 @@ def render_metrics(m: Metrics, waiting: int, running: int) -> str:
     metric("mean_accepted_tokens", "gauge", "Tokens generated per target forward since the start.",
            round(m.generated_tokens / m.target_forwards, 4) if m.target_forwards else 0)
     metric("queue_depth", "gauge", "Requests waiting for the worker.", waiting)
-    metric("requests_running", "gauge", "Requests being generated (0 or 1).", running)
+    metric("requests_running", "gauge", "Requests being generated (up to --max-batch).", running)
+    metric("batch_steps_total", "counter", "Batched decoding steps (--max-batch > 1).", m.batch_steps)
+    metric("batch_rows_total", "counter", "Requests decoded by the batched steps, summed over steps.", m.batch_rows)
     metric("pool_phrases", "gauge", "Phrases in the shared phrase pool.", m.pool_phrases)
     metric("draft_trunks_total", "counter", "Draft-model trunks accepted whole or in part by the target.",
            {f'{{result="{k}"}}': v for k, v in m.draft_trunks.items()})

@@ -156,8 +156,7 @@ class Engine:
         self.max_queue = max_queue
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_ROWS:
             raise InvalidArgumentError(f"max_batch must be an int in 1..{MAX_ROWS}, got {max_batch!r}")
-        self.max_batch = max_batch
-        """Requests decoded together (continuous batching, `batching`); 1: one at a time."""
+        self.max_batch = max_batch  # requests decoded together (`batching`); 1: one at a time
         self.tokenizer_lock = threading.Lock()
         """Held for every tokenizer call: Rust tokenizers can fail when used from two threads at once."""
         self.metrics = Metrics(pool_phrases=len(pool) if pool is not None else 0)
@@ -183,8 +182,7 @@ class Engine:
             return len(self._waiting), len(self._running)
 
     def next_jobs(self, room: int, idle: bool) -> list[Job] | None:
-        """For the batched loop: up to `room` waiting jobs, in arrival order (waiting for one while
-        `idle`, or until the pool's next save); None once the engine is closing."""
+        """Up to `room` waiting jobs in arrival order (awaited while `idle`); None once closing."""
         with self._cond:
             if idle and not self._waiting and not self._closing:
                 self._cond.wait(self.seconds_to_save())
@@ -194,9 +192,12 @@ class Engine:
             self._running += jobs
             return jobs
 
-    def set_running(self, jobs: list[Job]) -> None:
+    def stepped(self, jobs: list[Job], rows: int) -> None:
+        """After a batched step of `rows` rows (0: none ran): the jobs now running, and the counters."""
         with self._cond:
             self._running = list(jobs)
+            self.metrics.batch_steps += bool(rows)
+            self.metrics.batch_rows += rows
 
     def submit(self, job: Job, endpoint: str) -> None:
         """Queue `job`, or refuse it (503) when shutting down or when `max_queue` jobs already wait
