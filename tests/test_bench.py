@@ -380,7 +380,7 @@ def test_batch_runs_each_group_in_one_call(pair, tmp_path, capsys):
     assert "agg tok/s" in printed.out and "peak RSS" in printed.out
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     methods = ["hf_vanilla", "vanilla", "vanilla_sequential", "ouroboros", "ouroboros_sequential", "prompt_lookup",
-               "auto"]
+               "auto", "auto_sequential"]
     assert results["settings"]["methods"] == methods and results["settings"]["batch"] == 2
     assert results["settings"]["peak_rss_mib"] > 0
     (run,) = results["runs"]

@@ -141,7 +141,7 @@ class BatchSession:
             context = row.context if budget is None else Context(
                 row.context.tokens, min(row.context.remaining, budget + 1), nodes=budget, draft_model=drafts)
             calls[row.index] = partial(row.proposer.propose, context)
-        if self.drafts is None:
+        if self.drafts is None or not drafts:  # no draft forward to batch: no turns to take
             return {i: call() for i, call in calls.items()}
         start = time.perf_counter()
         proposals = self.drafts.propose(calls)

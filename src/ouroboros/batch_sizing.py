@@ -91,7 +91,10 @@ class LoadSizer:
         return best
 
     def row(self, row: int, drafts: bool) -> RowAcceptance:
-        return self.rows.setdefault((row, drafts), RowAcceptance() if drafts else RowAcceptance(proposed=1.0))
+        """Row `row`'s acceptance in a mode. The draft model's prior is auto's (0.75 per token, always
+        proposing), so that it is tried where it may pay; free drafts' is lower (0.6, half the steps)."""
+        prior = RowAcceptance(accepted=3.0, tried=4.0, proposed=2.0) if drafts else RowAcceptance(proposed=1.0)
+        return self.rows.setdefault((row, drafts), prior)
 
     def observe_draft(self, seconds: float, rows: int, nodes: int) -> None:
         """A step's drafting took `seconds` for `rows` rows drafting up to `nodes` nodes each."""

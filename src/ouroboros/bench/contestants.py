@@ -81,9 +81,9 @@ def contestants() -> dict[str, Method]:
 
 DEFAULT_METHODS = ("hf_vanilla", "hf_assisted", "hf_prompt_lookup", "speculative", "lookahead", "prompt_lookup",
                    "ouroboros", "ouroboros_warm", "auto")
-SEQUENTIAL_METHODS = ("hf_vanilla", "vanilla", "ouroboros")
+SEQUENTIAL_METHODS = ("hf_vanilla", "vanilla", "ouroboros", "auto")
 """Those with a `<name>_sequential` contestant: with --batch N > 1, the group run one prompt at a time."""
-SEQUENTIAL_PARTNERS = ("vanilla", "ouroboros")
+SEQUENTIAL_PARTNERS = ("vanilla", "ouroboros", "auto")
 """With --batch N > 1 these bring their sequential contestant along, for the batched/sequential ratio."""
 PEERS = ("vllm", "vllm_draft", "vllm_ngram", "vllm_ouroboros")
 """vLLM plain, with the draft model, with its n-gram proposer and with this project's phrase
