@@ -7,7 +7,7 @@ completion tokens over the level's wall time), p50/p95 time to first token, and 
 tokens/s (completion tokens over the request's own time). The server is started once per setting
 (its warm-up untimed) with `--pool per-request`, so no request drafts from another's phrases.
 
-usage: python scripts/serve_load.py [--max-batch 8] [--clients 1 2 4 8] [--max-tokens 128]
+usage: python scripts/serve_load.py [--max-batch 8 1] [--clients 1 2 4 8] [--max-tokens 128]
        [--questions ../shared/data/spec_bench/question.jsonl] [--out results.json]
 """
 
@@ -81,7 +81,7 @@ def level(url: str, model: str, questions: list[str], clients: int, max_tokens: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[8, 1], help="the settings to run, in order")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     questions = [q.turns[0] for q in load_spec_bench(args.questions)][args.skip:args.skip + max(args.clients)]
     results = {}
-    for max_batch in dict.fromkeys([args.max_batch, 1]):
+    for max_batch in dict.fromkeys(args.max_batch):
         process, url = start_server(max_batch, args.threads)
         try:
             model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
