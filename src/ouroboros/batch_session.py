@@ -78,9 +78,8 @@ class BatchSession:
                                    self.config.verify_budget - 1) if sized else None
         self.rows: dict[int, SessionRow] = {}
         self.active: list[int] = []
-        self._drafts: bool | None = True
-        """Whether the last step's proposals could run the draft model (the load sizing's mode; None:
-        not sized, a row alone)."""
+        self._drafts = True
+        """Whether the last step's proposals could run the draft model (the load sizing's mode)."""
 
     def __enter__(self) -> BatchSession:
         return self
@@ -133,12 +132,10 @@ class BatchSession:
     def _propose(self, rows: list[SessionRow]) -> dict[int, Proposal]:
         """Each row's proposal: its proposer's, within the node budget and drafting mode the load
         allows (`_PLAIN`, no proposer run at all, when that budget is 0)."""
-        # one row alone drafts as the single-stream loop does: the sizing is for sharing a forward
-        sized = self.sizer is not None and len(rows) > 1
-        budget, drafts = self.sizer.plan([row.index for row in rows]) if sized else (None, True)
+        budget, drafts = self.sizer.plan([row.index for row in rows]) if self.sizer is not None else (None, True)
         if budget == 0:
             return _PLAIN
-        self._drafts = drafts if sized else None
+        self._drafts = drafts
         calls = {}
         for row in rows:
             context = row.context if budget is None else Context(
@@ -148,7 +145,7 @@ class BatchSession:
             return {i: call() for i, call in calls.items()}
         start = time.perf_counter()
         proposals = self.drafts.propose(calls)
-        if sized and drafts and all(row.stats.accept_lengths for row in rows):  # not a prompt's prefill
+        if self.sizer is not None and drafts and all(row.stats.accept_lengths for row in rows):  # not a prefill
             self.sizer.observe_draft(time.perf_counter() - start, len(rows), budget)
         return proposals
 
@@ -158,7 +155,7 @@ class BatchSession:
         True when the row has ended."""
         result = row.verify(proposal.tree, logits)
         self.runner.keep(row.index, result.path)
-        if self.sizer is not None and learn and self._drafts is not None:
+        if self.sizer is not None and learn:
             self.sizer.row(row.index, self._drafts).observe(max(proposal.tree.depths, default=0), len(result.path))
         if learn:
             row.proposer.learn(row.context, proposal, result)
