@@ -1,7 +1,8 @@
 """`ouroboros serve`: an OpenAI-compatible HTTP server (completions, chat, streaming) on one model pair.
 
 - `schema`: what a request body may hold, checked before any work (OpenAI's error format);
-- `worker`: the bounded job queue and the one thread that runs generations;
+- `worker`: the bounded job queue and the one thread that runs generations; `batching`: its loop
+  with `--max-batch N` (continuous batching); `text`: a request's streamed text and result;
 - `app`: the FastAPI app (routes, API key, error answers); `metrics`: the Prometheus counters;
 - `cli`: the `serve` subcommand.
 """

@@ -22,6 +22,7 @@ from ..errors import OuroborosError
 from ..model_facts import eos_token_ids
 from ..request import make_verifier
 from .schema import from_package_error, internal_error
+from .text import Result, TextTracker
 
 log = logging.getLogger("ouroboros.server")
 
@@ -78,8 +79,6 @@ def _serve(engine, session: BatchSession) -> bool:
 
 
 def _admit(engine, session: BatchSession, rows: dict[int, _Running], job) -> None:
-    from .worker import TextTracker  # worker imports this module
-
     tracker = TextTracker(engine.decode, job.stop, (lambda text: job.emit("text", text)) if job.stream else None)
     tracker.put(torch.tensor(job.prompt_ids))  # its first call carries the prompt
     running = _Running(job, tracker)
@@ -112,8 +111,6 @@ def _stream(session: BatchSession, index: int, running: _Running) -> None:
 
 
 def _finish(engine, session: BatchSession, index: int, running: _Running) -> None:
-    from .worker import Result
-
     row = session.rows[index]
     running.tracker.finish()
     out = SimpleNamespace(stats=row.stats, finish_reason="length" if row.finish == "length" else "stop")
