@@ -281,8 +281,8 @@ GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 def _grouped_query_attention():
     """Trace attention with SDPA's own grouped-query support (`enable_gqa`): with a mask transformers
     otherwise copies every key-value head once per query head first (`repeat_kv`), which on the CPU
-    costs more than the attention itself in a batch (the built-in draft, 8 rows x 2 tokens, eager:
-    140 ms against 97). SDPA's result is the same, bit for bit (tested)."""
+    costs a batch dearly (the built-in target's package, 8 rows x 2 tokens: 153 ms with the copies,
+    120 ms without, BENCHMARKS.md session 9). SDPA's result is the same, bit for bit (tested)."""
     old = os.environ.get(GQA_ENV)
     os.environ[GQA_ENV] = "1"
     try:

@@ -10,8 +10,9 @@ the longest row. Each row's logits are what `ModelRunner` gives for it alone, up
 
 On the CPU fast path the forward is the model's compiled package (`aot`, whose row dimension is
 dynamic) over buffers [rows, heads, capacity, dim] that grow in steps of `CAPACITY_STEP` slots: the
-CPU's attention reads every slot of the capacity, so it is kept close to the longest row (measured on
-the built-in draft, 8 rows x 2 tokens: attention 2.3 ms per layer at capacity 1024, 0.5 ms at 320).
+CPU's attention reads every slot of the capacity, so it is kept close to the longest row (the
+built-in draft, eager, 8 rows x 2 tokens: attention 2.26 ms per layer at capacity 1024, 0.49 ms at
+320, BENCHMARKS.md session 9).
 """
 
 from __future__ import annotations
@@ -109,14 +110,14 @@ class BatchRunner(ForwardLog):
         """One forward for the rows in `steps` (row -> (pending tokens, tree)); rows not in it are
         fed one masked dummy token. Returns each stepping row's logits [1 + tree.total, vocab]
         (float32) for its last pending token and its tree nodes, as `ModelRunner.forward`."""
-        wide = {}
+        wide = set()
         if self.package is not None:
             steps = self._prefill_long_prompts(steps)
-            wide = {row: step for row, step in steps.items() if row in _wide_rows(steps)}
-        logits = self._forward_all({row: step for row, step in steps.items() if row not in wide}) if len(
-            wide) < len(steps) else {}
-        for row, (pending, tree) in wide.items():
-            logits[row] = self._forward_alone(row, pending, tree)
+            wide = _wide_rows(steps)
+        together = {row: step for row, step in steps.items() if row not in wide}
+        logits = self._forward_all(together) if together else {}
+        for row in wide:
+            logits[row] = self._forward_alone(row, *steps[row])
         return logits
 
     def _forward_all(self, steps: Mapping[int, tuple[Sequence[int], DraftTree]]) -> dict[int, torch.Tensor]:
@@ -267,9 +268,9 @@ class BatchRunner(ForwardLog):
 
 
 WIDE = 64
-"""A row fed more than this many tokens (a prompt) runs alone on the packages: measured on the built-in
-target, 8 prompts of ~150 tokens prefilled together took 4.1 s (padded to the longest, each row's
-attention over the whole capacity), one at a time about half that."""
+"""A row fed more than this many tokens (a prompt) runs alone on the packages, so that its width pads
+no other row (BENCHMARKS.md session 9: 8 HumanEval prompts, 64 new tokens, batched `ouroboros` on the
+built-in pair: 12.4 s with the prompts fed one by one, 14.1 s with them padded together)."""
 
 
 def _wide_rows(steps: Mapping[int, tuple[Sequence[int], DraftTree]]) -> set[int]:

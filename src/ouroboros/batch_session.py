@@ -78,8 +78,6 @@ class BatchSession:
                                    self.config.verify_budget - 1) if sized else None
         self.rows: dict[int, SessionRow] = {}
         self.active: list[int] = []
-        self._drafts = True
-        """Whether the last step's proposals could run the draft model (the load sizing's mode)."""
 
     def __enter__(self) -> BatchSession:
         return self
@@ -121,43 +119,42 @@ class BatchSession:
         rows that ended in it."""
         rows = [self.rows[i] for i in self.active]
         with torch.inference_mode():
-            proposals = self._propose(rows)
+            proposals, drafts = self._propose(rows)
             logits = self.runner.forward({row.index: (self.runner.rewind(row.index, row.context.tokens),
                                                       proposals[row.index].tree) for row in rows})
-            ended = [row.index for row in rows if self._verify(row, proposals[row.index], logits[row.index],
-                                                               learn=proposals is not _PLAIN)]
+            ended = [row.index for row in rows if self._verify(row, proposals[row.index], logits[row.index], drafts)]
         self._leave(ended)
         return ended
 
-    def _propose(self, rows: list[SessionRow]) -> dict[int, Proposal]:
-        """Each row's proposal: its proposer's, within the node budget and drafting mode the load
-        allows (`_PLAIN`, no proposer run at all, when that budget is 0)."""
+    def _propose(self, rows: list[SessionRow]) -> tuple[dict[int, Proposal], bool | None]:
+        """(each row's proposal, whether the draft model could draft them). The proposals are the
+        proposers', within the node budget and drafting mode the load allows; when that budget is 0
+        no proposer runs (plain decoding: empty trees, and None for the mode)."""
         budget, drafts = self.sizer.plan([row.index for row in rows]) if self.sizer is not None else (None, True)
         if budget == 0:
-            return _PLAIN
-        self._drafts = drafts
+            return {row.index: Proposal(DraftTree(max_depth=0)) for row in rows}, None
         calls = {}
         for row in rows:
             context = row.context if budget is None else Context(
                 row.context.tokens, min(row.context.remaining, budget + 1), nodes=budget, draft_model=drafts)
             calls[row.index] = partial(row.proposer.propose, context)
         if self.drafts is None or not drafts:  # no draft forward to batch: no turns to take
-            return {i: call() for i, call in calls.items()}
+            return {i: call() for i, call in calls.items()}, drafts
         start = time.perf_counter()
         proposals = self.drafts.propose(calls)
-        if self.sizer is not None and drafts and all(row.stats.accept_lengths for row in rows):  # not a prefill
+        if self.sizer is not None and all(row.stats.accept_lengths for row in rows):  # not a prompt's prefill
             self.sizer.observe_draft(time.perf_counter() - start, len(rows), budget)
-        return proposals
+        return proposals, drafts
 
-    def _verify(self, row: SessionRow, proposal: Proposal, logits: torch.Tensor, learn: bool) -> bool:
-        """Verify a row's tree on its logits [1 + tree.total, vocab], keep, learn (unless the proposal
-        is not the proposer's: a step sized to plain decoding) and emit, as one step of `generate`;
-        True when the row has ended."""
+    def _verify(self, row: SessionRow, proposal: Proposal, logits: torch.Tensor, drafts: bool | None) -> bool:
+        """Verify a row's tree on its logits [1 + tree.total, vocab], keep, learn (unless no proposer
+        ran: `drafts` None, a step sized to plain decoding) and emit, as one step of `generate`; True
+        when the row has ended."""
         result = row.verify(proposal.tree, logits)
         self.runner.keep(row.index, result.path)
-        if self.sizer is not None and learn:
-            self.sizer.row(row.index, self._drafts).observe(max(proposal.tree.depths, default=0), len(result.path))
-        if learn:
+        if drafts is not None:
+            if self.sizer is not None:
+                self.sizer.row(row.index, drafts).observe(max(proposal.tree.depths, default=0), len(result.path))
             row.proposer.learn(row.context, proposal, result)
         emitted, ended = emit(row.context, result, row.eos)
         row.stats.accept_lengths.append(len(emitted))
@@ -174,6 +171,8 @@ class BatchSession:
         self.runner.drop(ended)
         if self.drafts is not None:
             self.drafts.drop(ended)
+        if self.sizer is not None:
+            self.sizer.forget(ended)
         self.active = [i for i in self.active if i not in ended]
 
     def _record(self, ended: list[int]) -> None:
@@ -190,12 +189,3 @@ class BatchSession:
             stats.new_tokens = len(row.new_tokens)
             stats.compile_seconds = self.compile_seconds
 
-
-class _Plain(dict):
-    """A step's proposals when the load sizing chose plain decoding: no proposer ran."""
-
-    def __missing__(self, row: int) -> Proposal:
-        return Proposal(DraftTree(max_depth=0))
-
-
-_PLAIN = _Plain()

@@ -97,6 +97,12 @@ class LoadSizer:
         against 66.8, BENCHMARKS.md session 9)."""
         return self.rows.setdefault((row, drafts), RowAcceptance() if drafts else RowAcceptance(proposed=1.0))
 
+    def forget(self, rows: Sequence[int]) -> None:
+        """Rows that left the batch: their acceptance is not needed again."""
+        for row in rows:
+            for drafts in (False, True):
+                self.rows.pop((row, drafts), None)
+
     def observe_draft(self, seconds: float, rows: int, nodes: int) -> None:
         """A step's drafting took `seconds` for `rows` rows drafting up to `nodes` nodes each."""
         if nodes > 0 and self.draft is not None:

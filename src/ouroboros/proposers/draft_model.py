@@ -132,8 +132,9 @@ class DraftModelProposer:
             match, known = likely_continuation(torch.tensor(context.tokens), LONGEST_MATCH, room)
         confidence, runner_up = [], []
         if not context.draft_model:  # only what costs no draft forward: the context's or the pool's continuation
-            phrase = known if match >= FREE_MATCH and known else next(iter(self.pool.follow(context.tokens, 1)), ())
-            trunk = tree.add_chain(list(phrase)[:room], source="context" if phrase == known else "pool")
+            from_context = match >= FREE_MATCH and bool(known)
+            phrase = known if from_context else next(iter(self.pool.follow(context.tokens, 1)), ())
+            trunk = tree.add_chain(list(phrase)[:room], source="context" if from_context else "pool")
             self.events["draft_free"] += bool(trunk)
         elif config.draft_free and match >= config.free_match and known:
             trunk = tree.add_chain(known, source="context")

@@ -20,8 +20,7 @@ import torch
 from ..batch_session import BatchSession
 from ..errors import OuroborosError
 from ..model_facts import eos_token_ids
-from ..request import make_verifier
-from .schema import from_package_error, internal_error
+from .schema import from_package_error, internal_error, verifier
 from .text import Result, TextTracker
 
 log = logging.getLogger("ouroboros.server")
@@ -68,7 +67,7 @@ def _serve(engine, session: BatchSession) -> bool:
                 engine.stepped([], 0)
                 return True
             for index, running in list(rows.items()):
-                _stream(session, index, running)
+                _push(running, session.rows[index].new_tokens)  # a row that ended on EOS was not asked to stop
                 if running.job.cancelled.is_set() and index in session.active:
                     session.cancel(index)
                     ended.append(index)
@@ -87,11 +86,9 @@ def _admit(engine, session: BatchSession, rows: dict[int, _Running], job) -> Non
         _push(running, new)
         return job.cancelled.is_set() or tracker.stopped
 
-    options = {"top_k": 0, "min_p": 0.0, "seed": None, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
-               **job.sampling}
     try:
         index = session.add(job.prompt_ids, max_new_tokens=job.max_tokens, eos=set(eos_token_ids(engine.target, None)),
-                            stopping=stopping, pool=engine.pool, verify=make_verifier(generator=None, **options))
+                            stopping=stopping, pool=engine.pool, verify=verifier(job.sampling))
     except OuroborosError as exc:  # a request the session refuses that the schema let through
         engine.record(job, None, tracker)
         job.emit("error", from_package_error(exc))
@@ -100,14 +97,10 @@ def _admit(engine, session: BatchSession, rows: dict[int, _Running], job) -> Non
 
 
 def _push(running: _Running, new: list[int]) -> None:
+    """Hand the row's new tokens not yet seen to its tracker (which streams their final text)."""
     if len(new) > running.sent:
         running.tracker.put(torch.tensor(new[running.sent:]))
         running.sent = len(new)
-
-
-def _stream(session: BatchSession, index: int, running: _Running) -> None:
-    """Hand a row's tokens of this step to its tracker (a row that ended on EOS was not asked to stop)."""
-    _push(running, session.rows[index].new_tokens)
 
 
 def _finish(engine, session: BatchSession, index: int, running: _Running) -> None:

@@ -213,7 +213,14 @@ def sampling(options: Options) -> dict:
     if options.seed is not None:
         arguments["seed"] = options.seed
     try:
-        make_verifier(**{"top_k": 0, "min_p": 0.0, "seed": None, **arguments, "generator": None})
+        verifier(arguments)
     except OuroborosError as exc:
         raise from_package_error(exc) from None
     return arguments
+
+
+def verifier(arguments: dict):
+    """The verification rule (greedy or a Sampler) for `sampling`'s arguments, `generate`'s defaults
+    for the rest."""
+    return make_verifier(**{"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                            "seed": None, **arguments, "generator": None})

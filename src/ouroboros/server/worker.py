@@ -2,9 +2,8 @@
 `max_batch` > 1 as rows of one continuously batched decoding (`batching`).
 
 The models, their caches and the phrase pool are not thread-safe, so one thread runs every
-generation. The queue is bounded: beyond `max_queue`
-waiting requests a new one is refused at once (503 with Retry-After) rather than left to wait for
-minutes and time out.
+generation. The queue is bounded: beyond `max_queue` waiting requests a new one is refused at once
+(503 with Retry-After) rather than left to wait for minutes and time out.
 """
 
 from __future__ import annotations
