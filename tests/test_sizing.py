@@ -41,10 +41,21 @@ def test_cost_curve_interpolates_and_extrapolates():
     assert curve.at(6) == pytest.approx(2.75)
     assert curve.at(12) == pytest.approx(3.5)  # the last segment's slope, continued
     assert curve.free_tokens(1.5) == 2 and curve.free_tokens(1.0) == 1 and curve.free_tokens(3.0) == 8
-    assert CostCurve({1: 2.0}).at(3) == pytest.approx(6.0)
+    assert CostCurve({1: 2.0}).at(3) == 2.0  # one point says nothing of the slope: flat, as in costs.interpolate
+    falling = CostCurve({1: 2.0, 2: 1.0})  # a falling slope is not extended: a forward never gets cheaper
+    assert falling.at(8) == 1.0 and falling.at(1) == 2.0
     for bad in ({}, {0: 1.0}, {1: 0.0}):
         with pytest.raises(ValueError, match="cost curve"):
             CostCurve(bad)
+
+
+def test_a_curve_from_a_cost_table_has_the_token_counts_measured_there():
+    from ouroboros.costs import ModelCosts
+
+    costs = ModelCosts({64: {1: 10.0, 3: 12.0, 48: 30.0}, 512: {1: 20.0, 16: 25.0}}, {16: 5.0})
+    assert sorted(CostCurve.at_cached(costs, 100).seconds) == [1, 3, 48]  # nearest length: 64
+    assert sorted(CostCurve.at_cached(costs, 400).seconds) == [1, 16]
+    assert CostCurve.at_cached(costs, 64).at(3) == pytest.approx(costs.forward(3, 64))
 
 
 def test_expected_tokens_and_step_size():

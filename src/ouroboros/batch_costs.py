@@ -18,7 +18,7 @@ import torch
 
 from .batch_runner import make_batch_runner
 from .cost_cache import cached_measurement
-from .costs import _interpolate
+from .costs import interpolate
 from .model_facts import vocab_size
 from .tree import DraftTree
 
@@ -49,8 +49,8 @@ class BatchCosts:
 
     def forward(self, rows: int, width: int) -> float:
         """Seconds for a forward of `rows` rows x `width` new tokens, interpolated (linear beyond)."""
-        by_rows = [(r, _interpolate(sorted(row.items()), width)) for r, row in sorted(self.forward_ms.items())]
-        return _interpolate(by_rows, rows) / 1000
+        by_rows = [(r, interpolate(sorted(row.items()), width)) for r, row in sorted(self.forward_ms.items())]
+        return interpolate(by_rows, rows) / 1000
 
 
 def batch_costs(model, *, fast: bool | None = None, progress: bool = False) -> BatchCosts:

@@ -14,18 +14,20 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .runner import ForwardRecord
 
 
-def _interpolate(points: list[tuple[int, float]], x: float) -> float:
-    """Piecewise linear through sorted (x, y) points, extended past both ends linearly where that
-    rises and flat where it would fall: a forward never gets cheaper with more tokens or more
-    context, and a steep measured slope (a small model's attention over 64 against 512 cached
-    tokens) extended down to a 2-token context would reach zero."""
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
+    """The cost model's one interpolation, used by every cost table and curve: piecewise linear
+    through (x, y) points sorted by x, extended past both ends linearly where that rises and flat
+    where it would fall. A forward never gets cheaper with more tokens or more context, and a steep
+    measured slope (a small model's attention over 64 against 512 cached tokens) extended down to a
+    2-token context would reach zero. A single point says nothing of the slope: by the same rule
+    its cost holds everywhere (flat), not proportionally to x."""
     if len(points) == 1:
         return points[0][1]
     xs = [p[0] for p in points]
@@ -62,12 +64,12 @@ class ModelCosts:
 
     def forward(self, tokens: int, cached: int) -> float:
         """Seconds for a forward of `tokens` new tokens after `cached` cached ones."""
-        by_cached = [(L, _interpolate(sorted(row.items()), tokens)) for L, row in sorted(self.forward_ms.items())]
-        return _interpolate(by_cached, cached) / 1000
+        by_cached = [(L, interpolate(sorted(row.items()), tokens)) for L, row in sorted(self.forward_ms.items())]
+        return interpolate(by_cached, cached) / 1000
 
     def prefill(self, tokens: int) -> float:
         """Seconds for a prompt of `tokens` tokens from an empty cache."""
-        return _interpolate(sorted(self.prefill_ms.items()), tokens) / 1000
+        return interpolate(sorted(self.prefill_ms.items()), tokens) / 1000
 
     def seconds(self, record: ForwardRecord) -> float:
         return self.prefill(record.fed) if record.cached == 0 else self.forward(record.fed, record.cached)

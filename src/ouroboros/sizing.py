@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 
 from .config import OuroborosConfig
-from .costs import ModelCosts
+from .cost_cache import MEASURED_TOKENS, measure_costs
+from .costs import ModelCosts, interpolate
 from .errors import ConfigError
 from .files import write_json_atomically
 
 FORMAT = "ouroboros-sizing/1"
-MEASURED_TOKENS = (1, 2, 4, 8, 16)
-CURVE_TOKENS = (1, 2, 4, 8, 16, 32)
 SAMPLE_TEXT = (
     "def fibonacci(n: int) -> list[int]:\n"
     '    """Return the first n Fibonacci numbers."""\n'
@@ -59,20 +58,14 @@ class CostCurve:
 
     @classmethod
     def at_cached(cls, costs: ModelCosts, cached: int) -> CostCurve:
-        """A cost table's forward costs at one cache length."""
-        return cls({k: costs.forward(k, cached) for k in CURVE_TOKENS})
+        """A cost table's forward costs at one cache length, at the token counts measured at the
+        nearest cache length the table has."""
+        nearest = min(sorted(costs.forward_ms), key=lambda length: abs(length - cached))
+        return cls({k: costs.forward(k, cached) for k in sorted(costs.forward_ms[nearest])})
 
-    def at(self, k: int) -> float:
-        """Piecewise-linear between measured points; beyond them, linear in k from the nearest."""
-        points = sorted(self.seconds.items())
-        if len(points) == 1 or k <= points[0][0]:
-            k0, s0 = points[0]
-            return s0 * max(k, 1) / k0 if k > k0 else s0
-        for (k0, s0), (k1, s1) in zip(points, points[1:]):
-            if k <= k1:
-                return s0 + (s1 - s0) * (k - k0) / (k1 - k0)
-        (k0, s0), (k1, s1) = points[-2:]
-        return s1 + (s1 - s0) * (k - k1) / (k1 - k0)
+    def at(self, k: float) -> float:
+        """Seconds for a forward over `k` new tokens: `costs.interpolate` through the measured points."""
+        return interpolate(sorted(self.seconds.items()), k)
 
     def to_dict(self) -> dict[str, float]:
         return {str(k): s for k, s in sorted(self.seconds.items())}
@@ -188,8 +181,6 @@ def _jacobi_sizes(free: int, level: int, pool_size: int) -> tuple[int, int]:
 
 def measure(model, tokens=MEASURED_TOKENS, cached: int = 64, repeats: int = 2) -> CostCurve:
     """Forward cost over k new tokens after `cached` tokens, the mean of `repeats` (after a warm-up)."""
-    from .cost_cache import measure_costs
-
     costs = measure_costs(model, tokens=tokens, cached=(cached,), repeats=repeats)
     return CostCurve({k: ms / 1000 for k, ms in costs.forward_ms[cached].items()})
 
