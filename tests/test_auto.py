@@ -1,5 +1,6 @@
 """method="auto": exact whatever it chooses, and it chooses by what each choice is observed to cost."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -106,6 +107,7 @@ def test_a_draft_slower_than_it_saves_is_dropped_and_output_stays_exact(clock):
     out = generate(target, PROMPT, draft=draft, method="auto", max_new_tokens=60, eos_token_id=[], costs=optimistic)
     assert {(r.model, round(r.seconds, 9)) for r in out.stats.forward_log} == {("target", 0.004), ("draft", 0.040)}
     assert out.stats.plan_start == "ouroboros"
+    assert f"{out.stats.plan_start}" == str(out.stats.plan_start) == json.loads(json.dumps(out.stats.plan_start))
     assert torch.equal(out.sequences, greedy(target, PROMPT, 60))
     events = out.stats.events
     assert events.get("auto_fallbacks", 0) + events.get("auto_switches", 0) >= 1
@@ -207,6 +209,20 @@ def test_a_draft_prefill_that_costs_more_than_it_can_save_is_skipped():
                    costs=costly_prefill)
     assert "draft prefill" in out.stats.plan and not out.stats.plan.startswith("auto: ouroboros")
     assert out.stats.draft_forwards == 0
+
+
+def test_arms_are_typed_and_read_as_their_plain_names():
+    """Arm is a str enum: event names, the plan's line and plan_start read "ouroboros", not "Arm.OUROBOROS";
+    a plain name given for an arm becomes its Arm, and an unknown one is refused."""
+    from ouroboros.config import OuroborosConfig
+    from ouroboros.planning import Arm, Estimate, Plan
+
+    assert f"auto_{Arm.OUROBOROS}_steps" == "auto_ouroboros_steps" and str(Arm.PROMPT_LOOKUP) == "prompt_lookup"
+    plan = Plan("ouroboros", OuroborosConfig(), estimates={"vanilla": Estimate(1, 0.1)})
+    assert plan.start is Arm.OUROBOROS and list(plan.estimates) == [Arm.VANILLA]
+    assert plan.line().startswith("auto: ouroboros")
+    with pytest.raises(ValueError):
+        Plan("lookahead", None)
 
 
 def test_arms_without_a_draft_are_shadowed_not_probed():

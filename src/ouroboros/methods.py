@@ -113,7 +113,7 @@ def _ouroboros(setup: Setup) -> Proposer:
 
 
 def _auto(setup: Setup) -> Proposer:
-    from .planning import plan
+    from .planning import Arm, plan
     from .proposers.auto import AutoProposer
 
     draft = setup.draft_runner.model if setup.draft_runner is not None else None
@@ -121,10 +121,10 @@ def _auto(setup: Setup) -> Proposer:
         raise InvalidArgumentError("method 'auto' plans from a cost table: give Setup.costs (generate reads it)")
     chosen = plan(setup.costs, len(setup.prompt), setup.max_new_tokens, acceptance=AUTO_ACCEPTANCE, base=setup.config,
                   has_draft=draft is not None)
-    arms: dict[str, Proposer] = {"vanilla": NullProposer(),
-                                 "prompt_lookup": PromptLookupProposer(chosen.lookup_gamma, setup.config.max_ngram)}
+    arms: dict[Arm, Proposer] = {Arm.VANILLA: NullProposer(),
+                                 Arm.PROMPT_LOOKUP: PromptLookupProposer(chosen.lookup_gamma, setup.config.max_ngram)}
     if draft is not None:
-        arms["ouroboros"] = _ouroboros(replace(setup, config=chosen.config))
+        arms[Arm.OUROBOROS] = _ouroboros(replace(setup, config=chosen.config))
     return AutoProposer(arms, chosen, pool=setup.pool, context_phrases=chosen.config.context_phrases)
 
 

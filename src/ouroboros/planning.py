@@ -19,10 +19,21 @@ is corrected without cost; the other way round, the draft arm is only learned by
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 from .config import OuroborosConfig
 from .costs import CostTable
 from .sizing import CostCurve, choose
+
+
+class Arm(StrEnum):
+    """One of auto's candidates. A str enum: its str, format and JSON are the plain value
+    ("vanilla", ...), so event names, `GenerationStats.plan_start` and the plan's line read as before."""
+
+    VANILLA = "vanilla"
+    PROMPT_LOOKUP = "prompt_lookup"
+    OUROBOROS = "ouroboros"
+
 
 LOOKUP_PRIOR_TOKENS = 1.25
 """Tokens per step assumed for prompt lookup before any is observed: a modest hit rate, so that it
@@ -46,15 +57,15 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Plan:
-    start: str
-    """The arm to start with: "vanilla", "prompt_lookup" or "ouroboros"."""
+    start: Arm
+    """The arm to start with."""
     config: OuroborosConfig
     """The ouroboros arm's config: the given sizes (its adaptive drafts size themselves) with this
     machine's draft cost and verification budget, and phrase drafting only where the draft's wider
     forward is free here."""
     lookup_gamma: int = 3
     """Draft length for prompt lookup, from the target's costs."""
-    estimates: dict[str, Estimate] = field(default_factory=dict)
+    estimates: dict[Arm, Estimate] = field(default_factory=dict)
     draft_prefill: float = 0.0
     """Seconds the draft model's prefill of the prompt is predicted to cost."""
     reason: str = ""
@@ -62,13 +73,17 @@ class Plan:
     """The target's forward cost by tokens fed, at the cache length planned for: what auto prices
     the steps of the arms it does not run with (always set by `plan`)."""
 
+    def __post_init__(self) -> None:  # a plain name given for an arm becomes its Arm (unknown: ValueError)
+        object.__setattr__(self, "start", Arm(self.start))
+        object.__setattr__(self, "estimates", {Arm(arm): e for arm, e in self.estimates.items()})
+
     def line(self) -> str:
         """One line for the terminal: the choice, its sizes, and why."""
         sizes = ""
-        if self.start == "ouroboros":
+        if self.start == Arm.OUROBOROS:
             c = self.config
             sizes = f" (draft_cost={c.draft_cost:.2f}, verify_budget={c.verify_budget})"
-        return f"auto: {self.start}{sizes}: {self.reason}"
+        return f"auto: {self.start.value}{sizes}: {self.reason}"
 
 
 def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptance: float,
@@ -79,7 +94,7 @@ def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptanc
     lookup_gamma = choose(target, None, acceptance=acceptance, base=base).config.gamma
     config = base
     lookup_guess = Estimate(LOOKUP_PRIOR_TOKENS, target.at(1 + lookup_gamma))
-    estimates = {"vanilla": Estimate(1.0, one), "prompt_lookup": lookup_guess}
+    estimates = {Arm.VANILLA: Estimate(1.0, one), Arm.PROMPT_LOOKUP: lookup_guess}
     draft_prefill = 0.0
     if has_draft and table.draft is not None:
         sizing = choose(target, CostCurve.at_cached(table.draft, cached), acceptance=acceptance, base=base)
@@ -88,17 +103,17 @@ def plan(table: CostTable, prompt_tokens: int, max_new_tokens: int, *, acceptanc
         draft_prefill = table.draft.prefill(prompt_tokens)
         speedup = max(sizing.predicted.values())
         per_token = one / speedup + draft_prefill / max_new_tokens if speedup > 0 else float("inf")
-        estimates["ouroboros"] = Estimate(1.0, per_token)
-    best = max(estimates, key=lambda arm: (estimates[arm].rate, arm == "vanilla"))
-    vanilla = estimates["vanilla"].rate
-    draft = estimates.get("ouroboros")
-    if best == "prompt_lookup" and draft and draft.rate >= vanilla and LOOKUP_DOUBT * draft.rate >= lookup_guess.rate:
-        best = "ouroboros"
-    if best == "ouroboros":
+        estimates[Arm.OUROBOROS] = Estimate(1.0, per_token)
+    best = max(estimates, key=lambda arm: (estimates[arm].rate, arm == Arm.VANILLA))
+    vanilla = estimates[Arm.VANILLA].rate
+    draft = estimates.get(Arm.OUROBOROS)
+    if best == Arm.PROMPT_LOOKUP and draft and draft.rate >= vanilla and LOOKUP_DOUBT * draft.rate >= lookup_guess.rate:
+        best = Arm.OUROBOROS
+    if best == Arm.OUROBOROS:
         reason = (f"predicted {estimates[best].rate / vanilla:.2f}x plain decoding from the measured costs "
                   f"(target over 16 tokens = {target.at(16) / one:.2f}x one token) and acceptance {acceptance:.2f}")
-    elif "ouroboros" in estimates:
-        reason = (f"the draft model is predicted at {estimates['ouroboros'].rate / vanilla:.2f}x plain decoding "
+    elif Arm.OUROBOROS in estimates:
+        reason = (f"the draft model is predicted at {estimates[Arm.OUROBOROS].rate / vanilla:.2f}x plain decoding "
                   f"(target over 16 tokens = {target.at(16) / one:.2f}x one token, draft prefill "
                   f"{draft_prefill:.2f} s); context n-grams are tried while decoding")
     else:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..acceptance import StepResult
-from ..planning import Estimate, Plan
+from ..planning import Arm, Estimate, Plan
 from ..pool import PhraseSource
 from ..runner import common_prefix
 from .base import Context, Proposal, Proposer
@@ -61,38 +61,38 @@ predicted time for the remaining tokens."""
 
 @dataclass(frozen=True)
 class AutoProposal(Proposal):
-    arm: str = ""
+    arm: Arm = Arm.VANILLA
     inner: Proposal | None = None
     started: float = 0.0
-    shadows: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    shadows: tuple[tuple[Arm, int, tuple[int, ...]], ...] = ()
     """(arm, context length, the chain it would have drafted there) for shadowed arms without an
     open shadow draft."""
 
 
 class AutoProposer:
-    def __init__(self, arms: dict[str, Proposer], plan: Plan, *, pool: PhraseSource | None = None,
+    def __init__(self, arms: dict[Arm, Proposer], plan: Plan, *, pool: PhraseSource | None = None,
                  context_phrases: bool = False, clock: Callable[[], float] = time.perf_counter):
         self.events: Counter[str] = Counter()
-        self.arms = arms
+        self.arms = {Arm(arm): proposer for arm, proposer in arms.items()}
         self.plan = plan
         self.pool = pool if context_phrases else None
         self.clock = clock
-        self.estimates: dict[str, Estimate] = {arm: plan.estimates[arm] for arm in arms}
-        self.last_run: dict[str, int] = {}
+        self.estimates: dict[Arm, Estimate] = {arm: plan.estimates[arm] for arm in self.arms}
+        self.last_run: dict[Arm, int] = {}
         self.steps = 0
-        self.current = plan.start if plan.start in arms else next(iter(arms))
-        self.shadowed = [arm for arm, proposer in arms.items() if proposer.draft_runner is None]
-        probed = [arm for arm in arms if arm not in self.shadowed]
+        self.current = plan.start if plan.start in self.arms else next(iter(self.arms))
+        self.shadowed = [arm for arm, proposer in self.arms.items() if proposer.draft_runner is None]
+        probed = [arm for arm in self.arms if arm not in self.shadowed]
         self.waited = dict.fromkeys(probed, 0)
-        self.probing: str | None = None
+        self.probing: Arm | None = None
         self.probe_left = 0
         start_rate = self.estimates[self.current].rate
         self.patience = {arm: self._first_patience(start_rate, self.estimates[arm].rate) for arm in probed}
         if self.current in self.patience:  # it runs first: once left, it waits like a losing probe
             self.patience[self.current] = FIRST_PROBE
-        runners = [arm.draft_runner for arm in arms.values() if arm.draft_runner is not None]
+        runners = [arm.draft_runner for arm in self.arms.values() if arm.draft_runner is not None]
         self.draft_runner = runners[0] if runners else None
-        self.open_shadows: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.open_shadows: dict[Arm, tuple[int, tuple[int, ...]]] = {}
         """arm -> (context length, chain) of its shadow draft not yet passed by the output."""
         self.scale = 1.0
         """Observed over table-predicted seconds of the target's part of a step (running average)."""
@@ -117,7 +117,7 @@ class AutoProposer:
         seconds = elapsed - prefill
         self.events.update(self.arms[arm].events)
         self.arms[arm].events.clear()
-        self.events[f"auto_{arm}_steps"] += 1
+        self.events[f"auto_{arm.value}_steps"] += 1
         if self.pool is not None and self.arms[arm].draft_runner is None:  # keep the pool's context current
             keep = self.pool.level - 1
             self.pool.insert_ngrams(context.tokens[-keep:] + result.emitted)
@@ -127,7 +127,7 @@ class AutoProposer:
             self._update(arm, len(result.emitted), max(seconds, 1e-9))
         self.steps += 1
 
-    def _choose(self, context: Context) -> str:
+    def _choose(self, context: Context) -> Arm:
         if self.probe_left:
             self.probe_left -= 1
             return self.probing
@@ -148,7 +148,7 @@ class AutoProposer:
             self.probing, self.probe_left = probe, PROBE_STEPS - 1
             return probe
         if best != self.current:
-            self.events["auto_fallbacks" if best == "vanilla" else "auto_switches"] += 1
+            self.events["auto_fallbacks" if best == Arm.VANILLA else "auto_switches"] += 1
             self.current = best
         return best
 
@@ -159,29 +159,29 @@ class AutoProposer:
         ratio = best_rate / rate if rate > 0 else MAX_PROBE
         return int(min(max(FIRST_PROBE * (ratio ** 2 - 1), 1), MAX_PROBE))
 
-    def _best(self) -> str:
-        return max(self.arms, key=lambda arm: (self.estimates[arm].rate, arm == "vanilla"))
+    def _best(self) -> Arm:
+        return max(self.arms, key=lambda arm: (self.estimates[arm].rate, arm == Arm.VANILLA))
 
-    def _may_probe(self, arm: str, context: Context) -> bool:
+    def _may_probe(self, arm: Arm, context: Context) -> bool:
         """A draft model that has not run yet is tried only if the plan predicts it faster than
         plain decoding (else its prefill and probes are a loss with little chance of return) and
         its prefill is a small share of the time left."""
         runner = self.arms[arm].draft_runner
         if runner is None or runner.forwards:
             return True
-        if self.plan.estimates[arm].rate < self.plan.estimates["vanilla"].rate:
+        if self.plan.estimates[arm].rate < self.plan.estimates[Arm.VANILLA].rate:
             return False
         per_token = 1 / max(self.estimates[self._best()].rate, 1e-9)
         return self.plan.draft_prefill < PREFILL_SHARE * context.remaining * per_token
 
-    def _update(self, arm: str, tokens: float, seconds: float) -> None:
+    def _update(self, arm: Arm, tokens: float, seconds: float) -> None:
         self._blend(arm, tokens, seconds)
         if arm == self.probing and not self.probe_left:  # the probe's last step: did it win?
             won = self._best() == arm
             self.patience[arm] = FIRST_PROBE if won else min(max(2 * self.patience[arm], FIRST_PROBE), MAX_PROBE)
             self.probing = None
 
-    def _blend(self, arm: str, tokens: float, seconds: float) -> None:
+    def _blend(self, arm: Arm, tokens: float, seconds: float) -> None:
         """Fold one step's (tokens, seconds) into the arm's running estimate."""
         if arm in self.last_run:
             gap = self.steps - self.last_run[arm] - 1
