@@ -12,11 +12,13 @@ from tiny_models import perturbed, tiny_family_model, tiny_model
 
 import ouroboros.aot as aot
 from ouroboros import METHODS, PhrasePool, batch_runner, generate
+from ouroboros.acceptance import greedy_verify
 from ouroboros.batch_generation import BatchGenerationOutput, generate_batch
 from ouroboros.batch_runner import CAPACITY_STEP, make_batch_runner
 from ouroboros.batch_session import BatchSession
 from ouroboros.errors import InvalidArgumentError
 from ouroboros.methods import Method, get_method, register, unregister
+from ouroboros.request import make_verifier
 from ouroboros.runner import ModelRunner
 from ouroboros.tree import DraftTree
 
@@ -169,19 +171,25 @@ class Boom(Exception):
 
 
 class FailingRunner:
-    """A row's draft runner that raises on its `fail_at`-th forward (inside that row's propose())."""
+    """A row's draft runner that raises on its `fail_at`-th forward (inside that row's propose()), or
+    with `at_keep` on the keep after it (the forward ran, its slots are taken)."""
 
-    def __init__(self, runner, fail_at):
-        self.runner, self.fail_at, self.calls = runner, fail_at, 0
+    def __init__(self, runner, fail_at, at_keep=False):
+        self.runner, self.fail_at, self.at_keep, self.calls = runner, fail_at, at_keep, 0
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
     def forward(self, pending, tree):
         self.calls += 1
-        if self.calls == self.fail_at:
+        if self.calls == self.fail_at and not self.at_keep:
             raise Boom(f"row failed on draft forward {self.calls}")
         return self.runner.forward(pending, tree)
+
+    def keep(self, path):
+        if self.calls == self.fail_at and self.at_keep:
+            raise Boom(f"row failed after draft forward {self.calls}")
+        self.runner.keep(path)
 
 
 @pytest.mark.parametrize("row, fail_at", [(0, 1), (2, 3), (3, 2)])
@@ -212,6 +220,49 @@ def test_a_row_failing_inside_propose_raises_without_hanging(models, row, fail_a
     assert not caller.is_alive(), "generate_batch hung after a row failed"
     assert len(outcome) == 1 and isinstance(outcome[0], Boom), outcome
     assert not [t for t in threading.enumerate() if t.name.startswith("draft-row")]
+
+
+@pytest.mark.parametrize("at_keep", [False, True])
+@pytest.mark.parametrize("kind", ["eager", "packaged"])
+def test_a_failing_row_ends_alone_and_the_others_stay_exact(models, request, kind, at_keep):
+    """Row 1's proposer raises inside propose() (on a draft forward, or on the keep after it, while
+    the others draft in the same rounds) and row 2's logits turn NaN at its third step (its sampler
+    refuses them): each of the two ends with its own error, every forward's slots are still
+    compacted, and rows 0 and 3 are exactly their solo outputs."""
+    if kind == "packaged":
+        request.getfixturevalue("packaged")
+    target, draft = models["target"], models["perturbed"]
+    ouroboros = get_method("ouroboros")
+
+    def build(setup):
+        if setup.prompt == PROMPTS[1]:
+            setup = replace(setup, draft_runner=FailingRunner(setup.draft_runner, 3, at_keep))
+        return ouroboros.build(setup)
+
+    sample = make_verifier(True, 1.0, 0, 1.0, 0.0, 0, None)
+    steps = []
+
+    def nan_at_third_step(tree, logits):
+        steps.append(1)
+        return sample(tree, torch.full_like(logits, float("nan")) if len(steps) == 3 else logits)
+
+    register(Method("failing_row", build, needs_draft=True))
+    try:
+        with BatchSession(target, draft, method="failing_row", fast=kind == "packaged", size_by_load=False) as session:
+            rows = [session.add(tokens, max_new_tokens=16, verify=nan_at_third_step if i == 2 else greedy_verify)
+                    for i, tokens in enumerate(PROMPTS)]
+            ended = {}
+            while session.active:
+                ended.update(dict.fromkeys(session.step(), len(steps)))
+                assert session.runner.settled and session.drafts.runner.settled  # no slot left uncompacted
+    finally:
+        unregister("failing_row")
+    assert isinstance(session.rows[rows[1]].error, Boom) and session.rows[rows[1]].finish == "error"
+    assert isinstance(session.rows[rows[2]].error, FloatingPointError) and ended[rows[2]] == 3
+    for i in (0, 3):
+        assert session.rows[rows[i]].error is None and session.rows[rows[i]].finish == "length"
+        assert session.rows[rows[i]].new_tokens == hf_greedy(target, PROMPTS[i], 16), i
+    assert session.runner.rows == [] and session.drafts.runner.rows == []
 
 
 def test_left_padded_input_ids_give_the_same_rows(models):

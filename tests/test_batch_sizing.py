@@ -5,7 +5,6 @@ import pytest
 from tiny_models import tiny_model
 
 import ouroboros.batch_costs as batch_costs_module
-from ouroboros import cost_cache
 from ouroboros.batch_costs import BatchCosts, batch_costs
 from ouroboros.batch_sizing import LoadSizer, RowAcceptance
 
@@ -98,7 +97,6 @@ def test_the_draft_model_drafts_where_its_acceptance_pays_for_its_forwards():
 
 def test_batched_costs_are_measured_once_per_model_and_kept(monkeypatch, tmp_path):
     monkeypatch.setenv("OUROBOROS_COST_CACHE", str(tmp_path))
-    cost_cache.forget_in_memory()
     model = tiny_model("llama", seed=41, vocab=61)
     measured = []
     real = batch_costs_module._measure
@@ -107,6 +105,5 @@ def test_batched_costs_are_measured_once_per_model_and_kept(monkeypatch, tmp_pat
     assert set(costs.forward_ms) == set(batch_costs_module.ROWS)
     assert all(set(row) == set(batch_costs_module.WIDTHS) for row in costs.forward_ms.values())
     assert costs.forward(8, 16) > 0 and costs.forward(16, 16) >= costs.forward(8, 16)
-    cost_cache.forget_in_memory()
     assert batch_costs(model, fast=False) == costs and measured == [1]  # read back from its file
     assert len(list(tmp_path.glob("*.json"))) == 1

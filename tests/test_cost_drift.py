@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import ouroboros.static_runner as static_runner
 from ouroboros import generate
-from ouroboros.cost_cache import check_against_run, cost_table, fingerprint, forget_in_memory, model_costs
+from ouroboros.cost_cache import check_against_run, fingerprint, model_costs
 from ouroboros.costs import vanilla_log
+from ouroboros.engine import cost_table
 from ouroboros.static_runner import StaticRunner
 from ouroboros.tree import DraftTree
 
@@ -39,7 +40,6 @@ def timed_like(table, model: str, factor: float, compiled: bool = False):
 
 @pytest.fixture
 def table(tmp_path):
-    forget_in_memory()
     target, draft = tiny_model("llama", seed=11, vocab=61), tiny_model("llama", seed=12, vocab=61)
     return cost_table(target, draft, cache_dir=tmp_path), target, draft, tmp_path
 
@@ -73,7 +73,6 @@ def test_forwards_that_compiled_and_short_runs_are_not_judged(table):
 
 def test_auto_reports_measuring_apart_from_generating(tmp_path, monkeypatch):
     monkeypatch.setenv("OUROBOROS_COST_CACHE", str(tmp_path))
-    forget_in_memory()
     target = tiny_model("llama", seed=13, vocab=VOCAB)
     draft = perturbed(target)
     first = generate(target, prompt(0), draft=draft, method="auto", max_new_tokens=8, eos_token_id=[]).stats

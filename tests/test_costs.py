@@ -9,8 +9,9 @@ import torch
 from tiny_models import tiny_model
 
 from ouroboros import ConfigError, generate
-from ouroboros.cost_cache import FORMAT, cost_table, forget_in_memory, model_costs
+from ouroboros.cost_cache import FORMAT, model_costs
 from ouroboros.costs import CostTable, ModelCosts, vanilla_log
+from ouroboros.engine import cost_table
 from ouroboros.runner import ForwardRecord
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "cpu-2core-avx512bf16.json"
@@ -77,15 +78,12 @@ def test_a_bad_cost_file_is_refused_naming_it(tmp_path, content):
 
 def test_costs_are_measured_once_then_read_from_the_cache(tmp_path):
     model = tiny_model("llama", seed=3, vocab=61)
-    forget_in_memory()
     first, spent = model_costs(model, cache_dir=tmp_path)
     assert spent > 0 and len(list(tmp_path.glob("*.json"))) == 1
-    forget_in_memory()
     again, spent = model_costs(model, cache_dir=tmp_path)
     assert spent == 0 and again == first
     torch.set_num_threads(2)  # another thread count is another setting: measured anew
     try:
-        forget_in_memory()
         _, spent = model_costs(model, cache_dir=tmp_path)
         assert spent > 0 and len(list(tmp_path.glob("*.json"))) == 2
     finally:
@@ -95,19 +93,16 @@ def test_costs_are_measured_once_then_read_from_the_cache(tmp_path):
 def test_another_cpu_or_a_capped_instruction_set_is_measured_anew(tmp_path, monkeypatch):
     """The same model on another chip (or this chip held to AVX2) has other costs: never reused."""
     model = tiny_model("llama", seed=7, vocab=61)
-    forget_in_memory()
     model_costs(model, cache_dir=tmp_path)
     (path,) = tmp_path.glob("*.json")
     assert torch.backends.cpu.get_cpu_capability() in json.loads(path.read_text())["key"]["hardware"]
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    forget_in_memory()
     _, spent = model_costs(model, cache_dir=tmp_path)
     assert spent > 0 and len(list(tmp_path.glob("*.json"))) == 2
 
 
 def test_the_cache_directory_is_created_on_first_use(tmp_path):
     model = tiny_model("llama", seed=6, vocab=61)
-    forget_in_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model_costs(model, cache_dir=tmp_path / "not" / "yet")
@@ -116,14 +111,12 @@ def test_the_cache_directory_is_created_on_first_use(tmp_path):
 
 def test_a_corrupt_or_foreign_cache_file_is_measured_again(tmp_path):
     model = tiny_model("llama", seed=4, vocab=61)
-    forget_in_memory()
     model_costs(model, cache_dir=tmp_path)
     (path,) = tmp_path.glob("*.json")
     document = json.loads(path.read_text())
     assert document["format"] == FORMAT
     for broken in ("{truncated", json.dumps({**document, "key": {**document["key"], "model": "another"}})):
         path.write_text(broken)
-        forget_in_memory()
         with pytest.warns(UserWarning, match=path.name):
             _, spent = model_costs(model, cache_dir=tmp_path)
         assert spent > 0
@@ -134,11 +127,9 @@ def test_an_unwritable_cache_warns_once_and_still_works(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     model = tiny_model("llama", seed=5, vocab=61)
-    forget_in_memory()
     with pytest.warns(UserWarning, match="cannot write the cost cache"):
         costs = cost_table(model, cache_dir=blocker / "costs")
     assert costs.target.forward(1, 64) > 0
-    forget_in_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cost_table(model, cache_dir=blocker / "costs")  # the second time: no new warning

@@ -10,9 +10,8 @@ import warnings
 import pytest
 import torch
 from test_exactness import prompt, reference
-from tiny_models import FAMILIES, perturbed, tiny_family_model
+from tiny_models import FAMILIES, Runners, perturbed, tiny_family_model
 
-import ouroboros.generation as generation
 import ouroboros.runner as runner_module
 from ouroboros import METHODS, OuroborosConfig, UnsupportedModelError, generate
 from ouroboros.runner import ModelRunner, check_tree_attention
@@ -37,26 +36,21 @@ def family(request):
 
 
 @pytest.fixture(params=["eager", "static"])
-def runners(request, monkeypatch):
+def runners(request):
     """generate()'s runners: the eager one, or the fast path's StaticRunner uncompiled (compiling is
     test_static_runner's business; a small first cache, so that it grows during a generation)."""
-    made = []
-
-    def make(model, fast=None, role="target"):
-        kind = StaticRunner(model, compile=False, min_capacity=16, role=role) if request.param == "static" else (
-            ModelRunner(model, role=role))
-        made.append(kind)
-        return made[-1]
-
-    monkeypatch.setattr(generation, "make_runner", make)
-    return request.param, made
+    if request.param == "static":
+        return request.param, Runners(lambda model, role: StaticRunner(model, compile=False, min_capacity=16,
+                                                                        role=role))
+    return request.param, Runners(lambda model, role: ModelRunner(model, role=role))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_is_greedy_generate(family, runners, method):
     name, target, draft, references = family
     for seed, (ids, ref) in references.items():
-        out = generate(target, ids, draft=draft, method=method, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+        out = generate(target, ids, draft=draft, method=method, max_new_tokens=NEW_TOKENS, eos_token_id=[],
+                       engine=runners[1].engine(target, draft))
         assert torch.equal(out.sequences, ref), (name, runners[0], method, seed)
     kind = StaticRunner if runners[0] == "static" else ModelRunner
     assert runners[1] and all(type(runner) is kind for runner in runners[1])
@@ -71,7 +65,8 @@ def test_long_drafts_cross_the_window(name, runners):
     config = OuroborosConfig(gamma=8, window=3, branches=2, level=4)
     for seed in range(2):
         ids = prompt(seed + 10, length=9, vocab=VOCAB)
-        out = generate(target, ids, draft=draft, max_new_tokens=40, eos_token_id=[], config=config)
+        out = generate(target, ids, draft=draft, max_new_tokens=40, eos_token_id=[], config=config,
+                       engine=runners[1].engine(target, draft))
         assert torch.equal(out.sequences, reference(target, ids, 40)), (name, seed)
         assert max(out.stats.accept_lengths) > 3
 

@@ -34,13 +34,13 @@ def calls(monkeypatch):
 
 def test_health_says_warming_up_and_requests_wait_for_it(monkeypatch, calls):
     gate, ready = threading.Event(), []
-    real = server_worker.Engine._warm_up
+    real = server_worker.Worker._warm_up
 
     def held(self):
         gate.wait(30)
         real(self)
 
-    monkeypatch.setattr(server_worker.Engine, "_warm_up", held)
+    monkeypatch.setattr(server_worker.Worker, "_warm_up", held)
     target, draft = make_pair()
     app = create_app(target, draft, TOKENIZER, model_name=MODEL, method="auto", on_ready=ready.append)
     with serving(app) as base:

@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 from test_exactness import VOCAB, prompt, reference
-from tiny_models import perturbed, tiny_model
+from tiny_models import Runners, perturbed, tiny_model
 
-import ouroboros.generation as generation
 import ouroboros.static_runner as static_runner
 from ouroboros import METHODS, OuroborosConfig, generate
+from ouroboros.engine import Engine
 from ouroboros.methods import get_method
 from ouroboros.runner import ModelRunner
 from ouroboros.static_runner import StaticRunner, make_runner
@@ -27,16 +27,9 @@ def models(request):
 
 
 @pytest.fixture
-def static(monkeypatch):
+def static():
     """generate() on uncompiled StaticRunners; a small first cache, so that long generations grow it."""
-    runners = []
-
-    def make(model, fast=None, role="target"):
-        runners.append(StaticRunner(model, compile=False, min_capacity=16, role=role))
-        return runners[-1]
-
-    monkeypatch.setattr(generation, "make_runner", make)
-    return runners
+    return Runners(lambda model, role: StaticRunner(model, compile=False, min_capacity=16, role=role))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -46,11 +39,20 @@ def test_methods_match_greedy_generate(models, static, method, draft_kind):
     for seed in range(3):
         ids = prompt(seed)
         ref = reference(target, ids, 40)
-        before = len(static)
-        out = generate(target, ids, draft=draft, method=method, max_new_tokens=40, eos_token_id=[])
+        engine, before = prepared(static, target, draft, method)
+        out = generate(target, ids, draft=draft, method=method, max_new_tokens=40, eos_token_id=[], engine=engine)
         assert torch.equal(out.sequences, ref), (method, draft_kind, seed)
         assert out.stats.target_forwards == len(out.stats.accept_lengths)
         ran_on_static_runners(static[before:], out, target, draft if get_method(method).takes_draft else None)
+
+
+def prepared(static, target, draft, method):
+    """(an engine on the static runners, how many runners were made before the generation): a
+    method that plans from costs has them measured first, on the engine's own runners."""
+    engine, before = static.engine(target, draft), len(static)
+    if get_method(method).needs_costs:
+        assert engine.costs().meta["machine"]["runner"] == "eager" and len(static) == before + 2
+    return engine, len(static)
 
 
 def ran_on_static_runners(made, out, target, draft):
@@ -68,11 +70,13 @@ def test_eos_and_budget_of_one(models, static, method):
     ids = prompt(3)
     free = reference(target, ids, 30)[0, ids.shape[1]:].tolist()
     eos = [free[9], free[4]]
-    out = generate(target, ids, draft=draft, method=method, max_new_tokens=30, eos_token_id=eos)
+    engine, before = prepared(static, target, draft, method)
+    out = generate(target, ids, draft=draft, method=method, max_new_tokens=30, eos_token_id=eos, engine=engine)
     assert torch.equal(out.sequences, reference(target, ids, 30, eos=eos))
-    ran_on_static_runners(static, out, target, draft if get_method(method).takes_draft else None)
+    ran_on_static_runners(static[before:], out, target, draft if get_method(method).takes_draft else None)
     assert out.finish_reason == "stop"
-    one = generate(target, ids, draft=draft, method=method, max_new_tokens=1, eos_token_id=[])
+    one = generate(target, ids, draft=draft, method=method, max_new_tokens=1, eos_token_id=[],
+                   engine=static.engine(target, draft))
     assert torch.equal(one.sequences, reference(target, ids, 1))
 
 
@@ -84,7 +88,8 @@ def test_prompts_across_buckets_and_a_growing_cache(models, static, length):
     ids = prompt(length, length=length)
     ref = reference(target, ids, 150)
     for method in ("vanilla", "ouroboros", "prompt_lookup"):
-        out = generate(target, ids, draft=draft, method=method, max_new_tokens=150, eos_token_id=[])
+        out = generate(target, ids, draft=draft, method=method, max_new_tokens=150, eos_token_id=[],
+                       engine=static.engine(target, draft))
         assert torch.equal(out.sequences, ref), (method, length)
     assert max(runner.capacity for runner in static) == 256
 
@@ -95,11 +100,9 @@ def test_sampling_on_the_fast_path_draws_what_the_eager_path_draws(models, stati
     config = OuroborosConfig(gamma=2, window=2, level=3)
     for seed in range(3):
         kwargs = dict(draft=draft, max_new_tokens=30, eos_token_id=[], do_sample=True, seed=seed, config=config)
-        fast = generate(target, prompt(seed), **kwargs)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(generation, "make_runner",
-                          lambda model, fast=None, role="target": ModelRunner(model, role=role))
-            eager = generate(target, prompt(seed), **kwargs)
+        fast = generate(target, prompt(seed), engine=static.engine(target, draft), **kwargs)
+        eager = generate(target, prompt(seed), engine=Engine(target, draft, fast=False), **kwargs)
+        assert type(static[-1]) is StaticRunner
         assert torch.equal(fast.sequences, eager.sequences), seed
 
 

@@ -109,3 +109,21 @@ def save_tiny_pair(directory, arch: str = "qwen2", seed: int = 0):
         tokenizer.save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+class Runners(list):
+    """The runners generate() built, through the engines `engine` gives it: each made by `build(model,
+    role)` (injected, so a test chooses the runner without patching the library)."""
+
+    def __init__(self, build):
+        super().__init__()
+        self.build = build
+
+    def make(self, model, fast=None, role="target"):
+        self.append(self.build(model, role))
+        return self[-1]
+
+    def engine(self, target, draft=None):
+        from ouroboros.engine import Engine
+
+        return Engine(target, draft, fast=False, make_runner=self.make)

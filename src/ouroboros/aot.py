@@ -40,8 +40,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from .aot_constants import DATA, INDEX, load_constants, save_constants
-from .model_facts import identity_digest
-from .runner import _cache_argument, attention_windows
+from .model_facts import cache_argument, identity_digest
+from .runner import attention_windows
 
 FORMAT = "ouroboros-aot/5"
 MIN_TOKENS = 2
@@ -194,11 +194,11 @@ def model_package(model, progress: bool = True) -> tuple[AotForward | None, tupl
         cache = DynamicCache()
         with torch.inference_mode():
             model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device),
-                  use_cache=True, **{_cache_argument(model): cache})
+                  use_cache=True, **{cache_argument(model): cache})
         layout = ([layer.keys.shape[1] for layer in cache.layers], [layer.keys.shape[-1] for layer in cache.layers])
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     keys = [torch.zeros(1, h, MIN_CAPACITY, d, dtype=dtype, device=device) for h, d in zip(*layout)]
-    package, seconds = aot_forward(model, keys, [k.clone() for k in keys], _cache_argument(model), progress)
+    package, seconds = aot_forward(model, keys, [k.clone() for k in keys], cache_argument(model), progress)
     return package, layout, seconds
 
 

@@ -27,8 +27,9 @@ from .tree import DraftTree
 __all__ = ["DraftBatch", "RowRunner"]
 
 
-class _Cancelled(Exception):
-    """Raised inside a row's propose() when another row failed: the batch stops."""
+class _Cancelled(BaseException):
+    """Raised inside a row's propose() when the batch stops (an interrupt, or a failed batched
+    forward); not an `Exception`, so that a proposer's own handlers do not swallow it."""
 
 
 class DraftBatch:
@@ -67,9 +68,11 @@ class DraftBatch:
         """Finished rows leave the draft cache too."""
         self.runner.drop(rows)
 
-    def propose(self, calls: Mapping[int, Callable[[], Proposal]]) -> dict[int, Proposal]:
-        """Run every row's propose() call, batching their draft forwards; raises the first failing
-        row's exception (in row order) once every other row has stopped."""
+    def propose(self, calls: Mapping[int, Callable[[], Proposal]]
+                ) -> tuple[dict[int, Proposal], dict[int, Exception]]:
+        """Run every row's propose() call, batching their draft forwards: (the proposals, the errors of
+        the rows whose call raised). A failing row leaves the others drafting, its draft step
+        abandoned; a failing batched forward (every row's) raises once the rows have stopped."""
         self._ended = {}
         for row, call in calls.items():
             self._threads.submit(self._run, row, call)
@@ -80,17 +83,17 @@ class DraftBatch:
                     for row in live:
                         self._resume(row)
                     live = [row for row in live if row not in self._ended]
-                    if any(error is not None for _, error in self._ended.values()):
-                        break
+                    for row, (_, error) in self._ended.items():
+                        if error is not None and not isinstance(error, Exception):  # an interrupt: stop all
+                            raise error
+                        if error is not None:
+                            self.runner.abandon(row)
                     if live:
                         self._forward(live)
             finally:
                 self._cancel_rows([row for row in live if row not in self._ended])
-        for row in calls:
-            error = self._ended[row][1]
-            if error is not None and not isinstance(error, _Cancelled):
-                raise error
-        return {row: self._ended[row][0] for row in calls}
+        errors = {row: error for row, (_, error) in self._ended.items() if error is not None}
+        return {row: proposal for row, (proposal, error) in self._ended.items() if error is None}, errors
 
     def _forward(self, rows: list[int]) -> None:
         self._given.update(self.runner.forward({row: self._asked.pop(row) for row in rows}))
@@ -142,7 +145,7 @@ class DraftBatch:
 
 
 class RowRunner:
-    """One row's view of the shared draft runner, with `ModelRunner`'s interface: what a proposer
+    """One row's view of the shared draft runner, with the `runner.Runner` interface: what a proposer
     calls (`rewind`, `forward`, `keep`) and what the stats read (`log`, `forwards`). Its log holds
     the batched forwards it took part in, each record shared by every row of that forward."""
 

@@ -14,6 +14,7 @@ import torch
 
 from .batch_session import BatchSession
 from .config import OuroborosConfig
+from .engine import Engine
 from .errors import InvalidArgumentError, InvalidTypeError
 from .methods import get_method
 from .model_facts import eos_token_ids
@@ -70,6 +71,7 @@ def generate_batch(
     generator: torch.Generator | None = None,
     costs=None,
     fast: bool | None = None,
+    engine: Engine | None = None,
     size_by_load: bool = True,
     solo: Callable | None = None,
 ) -> BatchGenerationOutput:
@@ -85,7 +87,8 @@ def generate_batch(
     the target's generation_config pad id, else its first EOS id). `streamer` and `generator` are
     single-stream options and are refused here.
 
-    `fast` picks the runners as in `generate` (the models' compiled packages where they pay). With
+    `fast` (or `engine`) picks the runners as in `generate` (the models' compiled packages where they
+    pay). With
     `size_by_load` each step's draft is sized to the batch (`batch_sizing`): down to plain batched
     decoding where speculating costs the batch more than it gains, judged on this machine's batched
     forward costs (`batch_costs`, measured on first use); `costs` is for a batch of one row, which
@@ -98,7 +101,8 @@ def generate_batch(
     if len(prompt_lists) == 1 and solo is not None and streamer is None and generator is None:
         out = solo(target, torch.tensor([prompt_lists[0]]), draft=draft, method=method, max_new_tokens=max_new_tokens,
                    eos_token_id=eos_token_id, config=config, pool=pool, stopping=stopping, do_sample=do_sample,
-                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, costs=costs, fast=fast)
+                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, costs=costs, fast=fast,
+                   engine=engine)
         pad = _pad_id(target, pad_token_id, eos_token_ids(target, eos_token_id))
         new = out.sequences[0, len(prompt_lists[0]):].tolist()
         return BatchGenerationOutput(_sequences(given, prompt_lists, [new], pad), [out.stats], [out.finish_reason])
@@ -107,13 +111,16 @@ def generate_batch(
         validate(target, torch.tensor([prompt]), draft, method, max_new_tokens, config, pool)
     eos_ids = eos_token_ids(target, eos_token_id)
     pad = _pad_id(target, pad_token_id, eos_ids)
-    with BatchSession(target, draft, method=method, config=config, fast=fast, size_by_load=size_by_load) as session:
+    with BatchSession(target, draft, method=method, config=config, fast=fast, size_by_load=size_by_load,
+                      engine=engine) as session:
         for i, prompt in enumerate(prompt_lists):
             session.add(prompt, max_new_tokens=max_new_tokens, eos=set(eos_ids), stopping=stopping, pool=pool,
                         verify=make_verifier(do_sample, temperature, top_k, top_p, min_p,
                                              None if seed is None else seed + i, None))
         while session.active:
-            session.step()
+            for index in session.step():
+                if session.rows[index].error is not None:  # a caller of one call gets the error, as alone
+                    raise session.rows[index].error
     rows = list(session.rows.values())
     return BatchGenerationOutput(_sequences(given, prompt_lists, [row.new_tokens for row in rows], pad),
                                  [row.stats for row in rows], [row.finish for row in rows])

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from .aot import MAX_TOKENS as PACKAGE_MAX_TOKENS
 from .aot import MIN_TOKENS as PACKAGE_MIN_TOKENS
 from .aot import AotForward, aot_blocker, model_package
-from .runner import ForwardLog, ForwardRecord, attention_masks, reusable_prefix, tree_inputs
+from .runner import ForwardRecord, ModelAccess, attention_masks, reusable_prefix, tree_inputs
 from .static_runner import fast_path_blocker
 from .tree import DraftTree
 
@@ -58,7 +58,7 @@ def make_batch_runner(model, rows: Sequence[int], *, fast: bool | None = None, r
     return BatchRunner(model, rows, role)
 
 
-class BatchRunner(ForwardLog):
+class BatchRunner(ModelAccess):
     """Runs one model over several rows with one KV cache [rows, heads, slots, dim]: a `DynamicCache`,
     or with `package` (the model's `AotForward` and its cache layout (heads, head dims) per layer)
     static buffers that the package writes in place.
@@ -151,7 +151,7 @@ class BatchRunner(ForwardLog):
         else:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                 logits_to_keep=width - first, **{self.cache_argument: self.cache}).logits
-        self._logged(before, len(self.rows) * width, start)
+        self.log.record(before, len(self.rows) * width, start)
         for row, (pending, _) in steps.items():
             self._fed(row, start, len(pending), inputs[row][0])
         logits = logits.float()  # [rows, width - first, vocab]
@@ -174,7 +174,7 @@ class BatchRunner(ForwardLog):
                               [layer.keys[index:index + 1] for layer in layers],
                               [layer.values[index:index + 1] for layer in layers],
                               torch.arange(len(pending) - 1, len(fed)))
-        self._logged(before, width, past)
+        self.log.record(before, width, past)
         self._fed(row, past, len(pending), fed)
         return logits[0].float()
 
@@ -191,7 +191,19 @@ class BatchRunner(ForwardLog):
         self._moves[row] = (len(self.tokens[row]), list(range(p)) + [p + node for node in path])
         self.tokens[row] += fed[:p] + [fed[p + node] for node in path]
         if not self._step:
-            self._log_pending()
+            self.log.close()
+            self._compact()
+
+    @property
+    def settled(self) -> bool:
+        """Whether every row the last forward fed was kept or abandoned (so the cache is compacted)."""
+        return not self._step
+
+    def abandon(self, row: int) -> None:
+        """A row that failed between its forward and its `keep`: it keeps nothing of that forward, and
+        the rows kept beside it are compacted as if it had kept (it is to be dropped next)."""
+        if self._step.pop(row, None) is not None and not self._step:
+            self.log.close()
             self._compact()
 
     def drop(self, rows: Sequence[int]) -> None:

@@ -20,11 +20,10 @@ from functools import partial
 import torch
 
 from .acceptance import greedy_verify
-from .batch_costs import batch_costs
 from .batch_draft import DraftBatch
-from .batch_runner import make_batch_runner
 from .batch_sizing import LoadSizer
 from .config import OuroborosConfig
+from .engine import Engine, engine_for
 from .methods import Setup, get_method
 from .pool import PhrasePool
 from .proposers import Context, Proposal, Proposer
@@ -48,7 +47,10 @@ class SessionRow:
     started: float
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish: str | None = None
-    """None while running; then "stop" (EOS or the stopping callback), "length" or "cancelled"."""
+    """None while running; then "stop" (EOS or the stopping callback), "length", "cancelled" or "error"."""
+    error: Exception | None = None
+    """What the row's own generation raised (its proposer, its verification: NaN logits), when
+    `finish` is "error"; the other rows go on."""
 
     @property
     def new_tokens(self) -> list[int]:
@@ -62,19 +64,21 @@ class BatchSession:
     until `active` is empty, `cancel` a row to free it at once; ended rows stay in `rows`."""
 
     def __init__(self, target, draft=None, *, method: str = "ouroboros", config: OuroborosConfig | None = None,
-                 fast: bool | None = None, size_by_load: bool = True):
+                 fast: bool | None = None, size_by_load: bool = True, engine: Engine | None = None):
         self.spec = get_method(method)
         if self.spec.name == "auto":  # in a batch, auto is the load sizing over ouroboros's proposals
             self.spec = get_method("ouroboros" if draft is not None else "prompt_lookup")
             size_by_load = True
-        self.target, self.draft, self.fast = target, draft, fast
+        self.target, self.draft = target, draft
+        self.engine = engine_for(target, draft, fast) if engine is None else engine
         self.config = OuroborosConfig() if config is None else config
         drafting = self.spec.takes_draft and draft is not None
         with torch.inference_mode():
-            self.runner = make_batch_runner(target, [], fast=fast)
-            self.drafts = DraftBatch(make_batch_runner(draft, [], fast=fast, role="draft")) if drafting else None
+            self.runner = self.engine.batch_runner("target")
+            self.drafts = DraftBatch(self.engine.batch_runner("draft")) if drafting else None
             sized = size_by_load and self.spec.name != "vanilla"
-            self.sizer = LoadSizer(batch_costs(target, fast=fast), batch_costs(draft, fast=fast) if drafting else None,
+            self.sizer = LoadSizer(self.engine.batch_costs("target"),
+                                   self.engine.batch_costs("draft") if drafting else None,
                                    self.config.verify_budget - 1) if sized else None
         self.rows: dict[int, SessionRow] = {}
         self.active: list[int] = []
@@ -100,8 +104,7 @@ class BatchSession:
         pool = PhrasePool(self.config.level, self.config.pool_size) if pool is None else pool
         with torch.inference_mode():
             draft_runner = self.drafts.add(index) if self.drafts is not None else None
-            proposer = self.spec.build(Setup(prompt, self.config, pool, draft_runner, self.target, max_new_tokens,
-                                             None, self.fast))
+            proposer = self.spec.build(Setup(prompt, self.config, pool, draft_runner, max_new_tokens))
             self.runner.add(index)
         self.rows[index] = SessionRow(index, prompt, Context(list(prompt), max_new_tokens), proposer, verify,
                                       set(eos), stopping, time.perf_counter())
@@ -116,35 +119,54 @@ class BatchSession:
 
     def step(self) -> list[int]:
         """One step of every active row: propose, one target forward, verify, learn, emit. Returns the
-        rows that ended in it."""
+        rows that ended in it. A row whose own work raises ends with "error" (see `SessionRow.error`)
+        and the others go on; a failing batched forward raises."""
         rows = [self.rows[i] for i in self.active]
+        ended = []
         with torch.inference_mode():
-            proposals, drafts = self._propose(rows)
+            proposals, drafts, errors = self._propose(rows)
+            rows = [row for row in rows if row.index not in errors]
             logits = self.runner.forward({row.index: (self.runner.rewind(row.index, row.context.tokens),
                                                       proposals[row.index].tree) for row in rows})
-            ended = [row.index for row in rows if self._verify(row, proposals[row.index], logits[row.index], drafts)]
+            for row in rows:
+                try:
+                    if self._verify(row, proposals[row.index], logits[row.index], drafts):
+                        ended.append(row.index)
+                except Exception as exc:  # this row's own failure: it leaves, the others go on
+                    self.runner.abandon(row.index)
+                    errors[row.index] = exc
+        for index, error in errors.items():
+            self.rows[index].finish, self.rows[index].error = "error", error
+        ended += list(errors)
         self._leave(ended)
         return ended
 
-    def _propose(self, rows: list[SessionRow]) -> tuple[dict[int, Proposal], bool | None]:
-        """(each row's proposal, whether the draft model could draft them). The proposals are the
-        proposers', within the node budget and drafting mode the load allows; when that budget is 0
-        no proposer runs (plain decoding: empty trees, and None for the mode)."""
+    def _propose(self, rows: list[SessionRow]) -> tuple[dict[int, Proposal], bool | None, dict[int, Exception]]:
+        """(each row's proposal, whether the draft model could draft them, the rows whose proposer
+        raised and why). The proposals are the proposers', within the node budget and drafting mode
+        the load allows; when that budget is 0 no proposer runs (plain decoding: empty trees, and
+        None for the mode)."""
         budget, drafts = self.sizer.plan([row.index for row in rows]) if self.sizer is not None else (None, True)
         if budget == 0:
-            return {row.index: Proposal(DraftTree(max_depth=0)) for row in rows}, None
+            return {row.index: Proposal(DraftTree(max_depth=0)) for row in rows}, None, {}
         calls = {}
         for row in rows:
             context = row.context if budget is None else Context(
                 row.context.tokens, min(row.context.remaining, budget + 1), nodes=budget, draft_model=drafts)
             calls[row.index] = partial(row.proposer.propose, context)
         if self.drafts is None or not drafts:  # no draft forward to batch: no turns to take
-            return {i: call() for i, call in calls.items()}, drafts
+            proposals, failed = {}, {}
+            for index, call in calls.items():
+                try:
+                    proposals[index] = call()
+                except Exception as exc:
+                    failed[index] = exc
+            return proposals, drafts, failed
         start = time.perf_counter()
-        proposals = self.drafts.propose(calls)
+        proposals, failed = self.drafts.propose(calls)
         if self.sizer is not None and all(row.stats.accept_lengths for row in rows):  # not a prompt's prefill
             self.sizer.observe_draft(time.perf_counter() - start, len(rows), budget)
-        return proposals, drafts
+        return proposals, drafts, dict(failed)
 
     def _verify(self, row: SessionRow, proposal: Proposal, logits: torch.Tensor, drafts: bool | None) -> bool:
         """Verify a row's tree on its logits [1 + tree.total, vocab], keep, learn (unless no proposer
@@ -184,7 +206,7 @@ class BatchSession:
             stats.target_forwards = len(stats.accept_lengths)
             draft_log = row.proposer.draft_runner.log if row.proposer.draft_runner is not None else []
             stats.draft_forwards = len(draft_log)
-            stats.forward_log = sorted(self.runner.row_log(index) + draft_log, key=lambda record: record.started)
+            stats.forward_log = sorted([*self.runner.row_log(index), *draft_log], key=lambda record: record.started)
             stats.events = dict(row.proposer.events)
             stats.new_tokens = len(row.new_tokens)
             stats.compile_seconds = self.compile_seconds

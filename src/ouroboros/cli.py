@@ -51,7 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     input_ids = tokenizer(text, return_tensors="pt").input_ids.to(target.device)
     costs = None
     if get_method(args.method).needs_costs:  # read here, so that a first measurement is announced and timed apart
-        from .cost_cache import cost_table
+        from .engine import cost_table
 
         costs = cost_table(target, draft, fast=fast_from_args(args), progress=True)
         if costs.meta["measure_seconds"]:

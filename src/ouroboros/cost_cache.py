@@ -28,8 +28,8 @@ from .costs import CostTable, ModelCosts
 from .errors import ConfigError
 from .files import write_json_atomically
 from .model_facts import cost_cache_dir, identity_digest, vocab_size
-from .runner import ForwardRecord, ModelRunner
-from .static_runner import make_runner, runner_kind
+from .runner import ForwardRecord, ModelRunner, Runner
+from .static_runner import runner_kind
 from .tree import DraftTree
 
 FORMAT = "ouroboros-costs/1"
@@ -42,7 +42,6 @@ DRIFT_TOLERANCE = 0.3
 DRIFT_MIN_SECONDS = 2.0
 """Predicted seconds of a model's forwards in a run before its table is judged: a few forwards, or
 a tiny model's sub-millisecond ones, time mostly noise."""
-_memory: dict[str, object] = {}
 _warned: set[str] = set()
 
 
@@ -139,18 +138,17 @@ def _timed(runner: ModelRunner, pending: list[int], chain: list[int], rewind: li
     return seconds
 
 
-def model_costs(model, *, fast: bool | None = False, cache_dir: str | os.PathLike | None = None,
-                progress: bool = False) -> tuple[ModelCosts, float]:
-    """(costs, seconds spent measuring: 0 when cached) for `model` in this process's setting, on
-    the runner `generate(fast=fast)` would use."""
-    costs, spent, _ = _cached_costs(model, fast, cache_dir, progress)
+def model_costs(model, *, cache_dir: str | os.PathLike | None = None, progress: bool = False
+                ) -> tuple[ModelCosts, float]:
+    """(costs, seconds spent measuring: 0 when cached) for `model` on the eager runner."""
+    costs, spent, _ = runner_costs(ModelRunner(model), cache_dir=cache_dir, progress=progress)
     return costs, spent
 
 
-def _cached_costs(model, fast: bool | None, cache_dir, progress: bool) -> tuple[ModelCosts, float, Path]:
-    """`model_costs`, plus the cache file the costs live in."""
-    runner = make_runner(model, fast=fast)
-    return cached_measurement(model, runner_kind(runner), {}, lambda: measure_costs(model, runner=runner),
+def runner_costs(runner: Runner, *, cache_dir=None, progress: bool = False) -> tuple[ModelCosts, float, Path]:
+    """(costs, seconds spent measuring now, the cache file) of `runner`'s model, measured on
+    `runner` (an empty one), or read from the cache when it was measured before in this setting."""
+    return cached_measurement(runner.model, runner_kind(runner), {}, lambda: measure_costs(runner.model, runner=runner),
                               ModelCosts.from_dict, progress, cache_dir)
 
 
@@ -162,11 +160,8 @@ def cached_measurement(model, kind: str, extra: dict, measure, parse, progress: 
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) if cache_dir is not None else cost_cache_dir()
     path = path / f"{name}.json"
-    if str(path) in _memory:
-        return _memory[str(path)], 0.0, path
     costs = _read(path, key, parse)
     if costs is not None:
-        _memory[str(path)] = costs
         return costs, 0.0, path
     if progress:
         print(f"ouroboros: measuring the {'batched ' if extra else ''}forward costs of {type(model).__name__} on "
@@ -175,7 +170,6 @@ def cached_measurement(model, kind: str, extra: dict, measure, parse, progress: 
     start = time.perf_counter()
     costs = measure()
     spent = time.perf_counter() - start
-    _memory[str(path)] = costs
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(path, {"format": FORMAT, "key": key, "measure_seconds": round(spent, 2),
@@ -209,20 +203,6 @@ def _warn_once(topic: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def cost_table(target, draft=None, *, fast: bool | None = False, cache_dir=None, progress: bool = False
-               ) -> CostTable:
-    """Costs of the pair as it runs here (on the runner `generate(fast=fast)` uses), measured on
-    first use and cached; `meta["measure_seconds"]` says how long this call spent measuring."""
-    target_costs, spent, target_file = _cached_costs(target, fast, cache_dir, progress)
-    draft_costs, files = None, {"target": str(target_file)}
-    if draft is not None:
-        draft_costs, more, files["draft"] = _cached_costs(draft, fast, cache_dir, progress)
-        spent += more
-    kind = runner_kind(make_runner(target, fast=fast))
-    meta = {"machine": environment_key(target, kind), "measure_seconds": round(spent, 2), "files": files}
-    return CostTable(target_costs, draft_costs, meta)
-
-
 def check_against_run(table: CostTable, log: list[ForwardRecord], tolerance: float = DRIFT_TOLERANCE,
                       min_seconds: float = DRIFT_MIN_SECONDS) -> list[str]:
     """Compare a cached table with the forwards a generation really timed; a model whose forwards
@@ -240,7 +220,6 @@ def check_against_run(table: CostTable, log: list[ForwardRecord], tolerance: flo
             continue
         ratio = sum(record.seconds for record in timed) / predicted
         if abs(ratio - 1) > tolerance:
-            _memory.pop(str(file), None)
             del files[model]  # judged once: later runs with this table in memory do not warn again
             Path(file).unlink(missing_ok=True)
             message = (f"the cached forward costs of the {model} took {ratio:.2f}x their prediction in this run "
@@ -248,8 +227,3 @@ def check_against_run(table: CostTable, log: list[ForwardRecord], tolerance: flo
             warnings.warn(message, stacklevel=2)
             warnings_given.append(message)
     return warnings_given
-
-
-def forget_in_memory() -> None:
-    """Drop the in-process copies (tests; a caller that changed threads mid-process)."""
-    _memory.clear()

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import OuroborosConfig
-from .cost_cache import check_against_run, cost_table
 from .costs import CostTable
+from .engine import Engine, engine_for
+from .errors import InvalidArgumentError
 from .methods import METHODS, Setup, get_method
 from .model_facts import eos_token_ids
 from .pool import PhrasePool
-from .proposers import Context
+from .proposers import Context, Planned
 from .request import GenerationStats, emit, make_verifier, validate
 from .runner import decode_step
-from .static_runner import make_runner
 
 if TYPE_CHECKING:
     from .batch_generation import BatchGenerationOutput
@@ -58,6 +58,7 @@ def generate(
     fast: bool | None = None,
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
+    engine: Engine | None = None,
 ) -> GenerationOutput | BatchGenerationOutput:
     """Generate with `method`; the output is exactly the target's own decoding.
 
@@ -69,8 +70,10 @@ def generate(
 
     `fast` picks the runner: True the compiled static-cache fast path, False the eager one, None
     (default) the fast path where it is expected to pay on this device (`static_runner.make_runner`).
-    `method="auto"` picks and switches the drafting per step (see `proposers.auto`); it uses `costs`
-    (a `CostTable` of this machine) or measures and caches the models' costs on first use.
+    The runners and cost tables come from `engine` (an `engine.Engine` of this target and draft), by
+    default the one cached for (target, draft, fast). `method="auto"` picks and switches the drafting
+    per step (see `proposers.auto`); it uses `costs` (a `CostTable` of this machine) or the engine's
+    (measured and cached on first use).
     `pool=None` starts a fresh phrase pool (cold); pass a `PhrasePool` to carry phrases across calls
     (warm). `streamer` follows transformers' protocol (`put`, `end`). `stopping(new_tokens)` is
     called after each step with all new tokens so far; returning True ends generation there.
@@ -82,12 +85,13 @@ def generate(
     """
     from .batch_generation import generate_batch, is_batch  # imported here: that module imports this one
 
+    engine = _engine(target, draft, fast, engine)
     if is_batch(input_ids, attention_mask):
         return generate_batch(target, input_ids, attention_mask=attention_mask, draft=draft, method=method,
                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, config=config, pool=pool,
                               stopping=stopping, pad_token_id=pad_token_id, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                              streamer=streamer, generator=generator, costs=costs, fast=fast, solo=generate)
+                              streamer=streamer, generator=generator, costs=costs, engine=engine, solo=generate)
     config = OuroborosConfig() if config is None else config
     prompt = validate(target, input_ids, draft, method, max_new_tokens, config, pool)
     verify = make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator)
@@ -95,15 +99,13 @@ def generate(
     stats = GenerationStats()
     start = time.perf_counter()
     spec = get_method(method)
-    own_costs = spec.needs_costs and costs is None
     with torch.inference_mode():
-        if own_costs:  # before the runners: on the fast path they reuse the measuring runners' buffers and graphs
-            costs = cost_table(target, draft if spec.takes_draft else None, fast=fast)
-            stats.measure_seconds = costs.meta.get("measure_seconds", 0.0)
-        runner = make_runner(target, fast=fast, role="target")
+        if spec.needs_costs and costs is None:
+            costs, stats.measure_seconds = engine.timed_costs()
+        runner = engine.runner("target")
         pool = PhrasePool(config.level, config.pool_size) if pool is None else pool
-        draft_runner = make_runner(draft, fast=fast, role="draft") if spec.takes_draft and draft is not None else None
-        proposer = spec.build(Setup(list(prompt), config, pool, draft_runner, target, max_new_tokens, costs, fast))
+        draft_runner = engine.runner("draft") if spec.takes_draft and draft is not None else None
+        proposer = spec.build(Setup(list(prompt), config, pool, draft_runner, max_new_tokens, costs))
         if streamer is not None:
             streamer.put(input_ids.detach().reshape(1, -1).cpu())
         context = Context(list(prompt), max_new_tokens)
@@ -125,15 +127,24 @@ def generate(
     draft_log = proposer.draft_runner.log if proposer.draft_runner is not None else []
     stats.target_forwards = runner.forwards
     stats.draft_forwards = len(draft_log)
-    stats.forward_log = sorted(runner.log + draft_log, key=lambda record: record.started)
+    stats.forward_log = sorted([*runner.log, *draft_log], key=lambda record: record.started)
     stats.compile_seconds = runner.compile_seconds + (
         proposer.draft_runner.compile_seconds if proposer.draft_runner is not None else 0.0)
     if costs is not None:
-        check_against_run(costs, stats.forward_log)
+        engine.check_costs(costs, stats.forward_log)
     stats.events = dict(proposer.events)
-    if getattr(proposer, "plan", None) is not None:
+    if isinstance(proposer, Planned):
         stats.plan = proposer.plan.line()
-        stats.plan_start = proposer.plan.start
+        stats.plan_start = proposer.plan.start.value
     stats.new_tokens = len(context.tokens) - len(prompt)
     sequences = torch.tensor([context.tokens], dtype=torch.long, device=input_ids.device)
     return GenerationOutput(sequences, stats, finish)
+
+
+def _engine(target, draft, fast: bool | None, engine: Engine | None) -> Engine:
+    """The given engine, checked against the call's models, or the one cached for them."""
+    if engine is None:
+        return engine_for(target, draft, fast)
+    if engine.target is not target or engine.draft is not draft:
+        raise InvalidArgumentError("engine was built for other models than the target and draft given")
+    return engine

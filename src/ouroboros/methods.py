@@ -17,7 +17,7 @@ from .proposers import (
     PromptLookupProposer,
     Proposer,
 )
-from .runner import ModelRunner
+from .runner import Runner
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,12 @@ class Setup:
     config: OuroborosConfig
     pool: PhrasePool
     """The phrase pool: the caller's (warm) or a fresh one (cold)."""
-    draft_runner: ModelRunner | None
+    draft_runner: Runner | None
     """The draft model's runner when the method uses a draft model and one was given, else None."""
-    target: object = None
-    """The target model (for methods that measure it, like auto)."""
     max_new_tokens: int = 0
     costs: CostTable | None = None
-    """Forward costs of this machine: the caller's, or read (measured on first use) by `generate` for
-    a method that `needs_costs`."""
-    fast: bool | None = None
-    """generate()'s runner choice, so that measured costs describe the runner in use."""
+    """Forward costs of this machine, measured on the runners in use: the caller's, or the engine's
+    for a method that `needs_costs`."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class Method:
     """Uses a draft model when one is given (None: only when it needs one)."""
     summary: str = ""
     needs_costs: bool = False
-    """Plans from this machine's cost table: `generate` reads (or measures) it before building."""
+    """Plans from this machine's cost table: `generate` gets it from the engine before building."""
 
     @property
     def takes_draft(self) -> bool:

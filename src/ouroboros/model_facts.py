@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnsupportedModelError
 
 
 def text_config(model):
@@ -42,6 +43,15 @@ def identity_digest(model):
     config.pop("_name_or_path", None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     return digest
+
+
+def cache_argument(model) -> str:
+    """The name under which `model.forward` takes its KV cache."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise UnsupportedModelError(f"{type(model).__name__}.forward takes no KV cache argument")
 
 
 def vocab_size(model) -> int:

@@ -11,7 +11,6 @@ from the mask: one mask per layer type, each the tree mask cut to the window's b
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import time
 import weakref
@@ -24,14 +23,14 @@ from transformers import DynamicCache
 from .acceptance import StepResult, check_finite, greedy_verify
 from .errors import InvalidArgumentError, UnsupportedModelError
 from .files import write_json_atomically
-from .model_facts import cost_cache_dir, identity_digest, text_config
+from .model_facts import cache_argument, cost_cache_dir, identity_digest, text_config
 from .tree import DraftTree
 
 _TREE_ATTENTION_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-__all__ = ["ForwardLog", "ForwardRecord", "ModelRunner", "UnsupportedModelError", "additive_mask",
-           "attention_masks", "attention_windows", "check_tree_attention", "common_prefix", "decode_step",
-           "move_accepted", "text_config", "tree_inputs"]
+__all__ = ["ForwardLog", "ForwardRecord", "ModelAccess", "ModelRunner", "Runner", "UnsupportedModelError",
+           "additive_mask", "attention_masks", "attention_windows", "check_tree_attention", "common_prefix",
+           "decode_step", "move_accepted", "text_config", "tree_inputs"]
 
 MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
 """Layer types whose attention the runners reproduce with a 4-D mask."""
@@ -53,14 +52,6 @@ class ForwardRecord:
     """`time.perf_counter()` when it began, to order the forwards of both models."""
     compiled: bool = False
     """It compiled a graph first (the fast path's first forward of a shape): `seconds` includes that."""
-
-
-def _cache_argument(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise UnsupportedModelError(f"{type(model).__name__}.forward takes no KV cache argument")
 
 
 def check_tree_attention(model) -> None:
@@ -163,7 +154,7 @@ def attention_windows(model) -> dict[str | None, int | None]:
     return {None: window}
 
 
-def decode_step(runner: ModelRunner, tokens: Sequence[int], tree: DraftTree, verify=greedy_verify) -> StepResult:
+def decode_step(runner: Runner, tokens: Sequence[int], tree: DraftTree, verify=greedy_verify) -> StepResult:
     """One forward of `runner` over its pending tokens and `tree`, verified, cache compacted."""
     pending = runner.rewind(tokens)
     logits = runner.forward(pending, tree)
@@ -172,41 +163,105 @@ def decode_step(runner: ModelRunner, tokens: Sequence[int], tree: DraftTree, ver
     return result
 
 
-class ForwardLog:
-    """What every runner has: its model's facts (device, dtype, KV cache argument, attention windows)
-    and the forward log, one `ForwardRecord` per forward. On CPU a forward is timed when its logits
-    are back; on CUDA (asynchronous) when `keep` runs, after the verification has read the logits."""
+class ForwardLog(Sequence):
+    """The forwards one runner ran, a `ForwardRecord` each, in order. On CPU a forward is recorded
+    when its logits are back; on CUDA (asynchronous) it stays open until `close`, which the runner
+    calls after the verification has read the logits."""
+
+    def __init__(self, role: str, device: torch.device):
+        self.role = role
+        self.records: list[ForwardRecord] = []
+        self._deferred = device.type == "cuda"
+        self._open: tuple[float, int, int, bool] | None = None
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def forwards(self) -> int:
+        """Forwards run, the open one included."""
+        return len(self.records) + (self._open is not None)
+
+    def record(self, start: float, fed: int, cached: int, compiled: bool = False) -> None:
+        """A forward that began at `start` (perf_counter) fed `fed` tokens after `cached`."""
+        self._open = (start, fed, cached, compiled)
+        if not self._deferred:
+            self.close()
+
+    def close(self) -> None:
+        """Time the open forward up to now and keep its record."""
+        if self._open is not None:
+            start, fed, cached, compiled = self._open
+            self.records.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start, compiled))
+            self._open = None
+
+
+class ModelAccess:
+    """What every runner has: its model, the facts a forward needs about it (device, dtype, KV cache
+    argument, attention windows), its forward log and the seconds it spent compiling."""
 
     def __init__(self, model, role: str):
         self.model = model
         self.role = role
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.cache_argument = _cache_argument(model)
+        self.cache_argument = cache_argument(model)
         self.windows = attention_windows(model)
-        self.log: list[ForwardRecord] = []
-        self._started: tuple[float, int, int, bool] | None = None
+        self.log = ForwardLog(role, self.device)
         self.compile_seconds = 0.0
         """Seconds of the forwards that compiled a graph first (the compile and that forward)."""
 
     @property
     def forwards(self) -> int:
-        return len(self.log) + (self._started is not None)
-
-    def _logged(self, start: float, fed: int, cached: int, compiled: bool = False) -> None:
-        if self.device.type == "cuda":
-            self._started = (start, fed, cached, compiled)
-        else:
-            self.log.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start, compiled))
-
-    def _log_pending(self) -> None:
-        if self._started is not None:
-            start, fed, cached, compiled = self._started
-            self.log.append(ForwardRecord(self.role, fed, cached, time.perf_counter() - start, start, compiled))
-            self._started = None
+        return self.log.forwards
 
 
-class ModelRunner(ForwardLog):
+class Runner(ModelAccess):
+    """The single-stream runner interface: one sequence's KV cache and the token ids in it.
+
+    `forward(pending, tree)` feeds the pending tokens (known, not yet cached) and a draft tree in one
+    forward; `keep(path)` keeps the pending tokens and the accepted nodes; `rewind(sequence)` drops
+    what the next sequence does not share. `ModelRunner` (a DynamicCache) and
+    `static_runner.StaticRunner` (static buffers, compiled) implement it."""
+
+    def __init__(self, model, role: str = "target"):
+        super().__init__(model, role)
+        self.tokens: list[int] = []
+        """Token ids whose keys and values are in the cache, in order."""
+        self._last: tuple[int, list[int]] | None = None
+        """(pending count, fed tokens) of the forward not kept yet."""
+
+    def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
+        """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
+        the last pending token (the root) and every tree node, in tree order."""
+        raise NotImplementedError
+
+    def keep(self, path: Sequence[int]) -> None:
+        """After `forward`: keep the pending tokens and the accepted tree nodes `path`, drop the rest."""
+        p, fed = self._last
+        self.log.close()
+        path = list(path)
+        move_accepted(self.cache, len(self.tokens) + p, path)
+        self.tokens += fed[:p] + [fed[p + i] for i in path]
+        self._truncate(len(self.tokens))
+        self._last = None
+
+    def rewind(self, sequence: Sequence[int]) -> list[int]:
+        """Drop cached tokens after the longest prefix shared with `sequence`, short of its last
+        token (the root, whose logits the next forward needs, even when a draft ran ahead); return
+        the pending rest."""
+        del self.tokens[reusable_prefix(self.tokens, sequence):]
+        self._truncate(len(self.tokens))
+        return list(sequence[len(self.tokens):])
+
+    def _truncate(self, length: int) -> None:
+        """Free the cache past `length` slots, where the cache is one that can shrink."""
+
+
+class ModelRunner(Runner):
     """Runs one model over pending tokens plus a draft tree with a `DynamicCache` (the reference
     runner, and the one for models that cannot use the static-cache fast path)."""
 
@@ -214,13 +269,8 @@ class ModelRunner(ForwardLog):
         super().__init__(model, role)
         self.cache = DynamicCache()
         """Full layers only (no config): sliding layers' keys stay too, the mask applies the window."""
-        self.tokens: list[int] = []
-        """Token ids whose keys and values are in the cache, in order."""
-        self._last: tuple[int, list[int]] | None = None
 
     def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
-        """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
-        the last pending token (the root) and every tree node, in tree order."""
         past, p = len(self.tokens), len(pending)
         fed, positions, allowed = tree_inputs(pending, tree, past)
         ids = torch.tensor([fed], device=self.device)
@@ -235,28 +285,8 @@ class ModelRunner(ForwardLog):
         )
         self._last = (p, fed)
         logits = out.logits[0].float()
-        self._logged(start, len(fed), past)
+        self.log.record(start, len(fed), past)
         return logits
-
-    def keep(self, path: Sequence[int]) -> None:
-        """After `forward`: keep the pending tokens and the accepted tree nodes `path`, drop the rest."""
-        p, fed = self._last
-        self._log_pending()
-        base = len(self.tokens) + p
-        path = list(path)
-        move_accepted(self.cache, base, path)
-        self.tokens += fed[:p] + [fed[p + i] for i in path]
-        self._truncate(len(self.tokens))
-        self._last = None
-
-    def rewind(self, sequence: Sequence[int]) -> list[int]:
-        """Crop the cache to its longest prefix shared with `sequence`, short of its last token (the
-        root, whose logits the next forward needs, even when a draft ran ahead); return the rest."""
-        common = reusable_prefix(self.tokens, sequence)
-        if common < len(self.tokens):
-            del self.tokens[common:]
-            self._truncate(common)
-        return list(sequence[common:])
 
     def _truncate(self, length: int) -> None:
         for layer in self.cache.layers:

@@ -201,7 +201,7 @@ def tune(target, draft, tokenizer=None, *, acceptance: float | None = None, slac
     """Choose sizes from both models' cost table on this device (`costs`, or the cached table that
     `method="auto"` also uses, measured on first use); acceptance measured on SAMPLE_TEXT (with
     `tokenizer`) unless given."""
-    from .cost_cache import cost_table
+    from .engine import cost_table
 
     if acceptance is None:
         if tokenizer is None:

@@ -35,17 +35,8 @@ from .aot import MAX_TOKENS as AOT_MAX_TOKENS
 from .aot import MIN_TOKENS as AOT_MIN_TOKENS
 from .aot import aot_blocker, aot_forward, build_memory_shortfall, stored_cache_layout
 from .errors import UnsupportedModelError
-from .model_facts import text_config
-from .runner import (
-    ForwardLog,
-    ModelRunner,
-    _cache_argument,
-    attention_masks,
-    attention_windows,
-    move_accepted,
-    reusable_prefix,
-    tree_inputs,
-)
+from .model_facts import cache_argument, text_config
+from .runner import ModelRunner, Runner, attention_masks, attention_windows, tree_inputs
 from .tree import DraftTree
 
 logger = logging.getLogger(__name__)
@@ -69,8 +60,8 @@ _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """model -> {(bucket or None, capacity, cache id)} already compiled, to say when a call will compile."""
 
 
-class StaticRunner(ForwardLog):
-    """`ModelRunner` on a static KV cache, padded to shape buckets; compiled when `compile`."""
+class StaticRunner(Runner):
+    """A `Runner` on a static KV cache, padded to shape buckets; compiled when `compile`."""
 
     def __init__(self, model, *, compile: bool = False, buckets: Sequence[int] = BUCKETS,
                  min_capacity: int = MIN_CAPACITY, progress: bool = True, role: str = "target"):
@@ -84,9 +75,6 @@ class StaticRunner(ForwardLog):
         self.progress = progress
         self.cache: StaticCache | None = None
         self.capacity = 0
-        self.tokens: list[int] = []
-        """Token ids whose keys and values are in the cache, in order."""
-        self._last: tuple[int, list[int]] | None = None
         self._release = None
         self._compiled_now = False
         self._aot = None
@@ -95,8 +83,6 @@ class StaticRunner(ForwardLog):
         """Whether to look for one: compiled, on the CPU, one mask for every layer."""
 
     def forward(self, pending: Sequence[int], tree: DraftTree) -> torch.Tensor:
-        """Run pending tokens then the tree; returns logits [1 + tree.total, vocab] (float32) for
-        the last pending token (the root) and every tree node, in tree order."""
         past, p = len(self.tokens), len(pending)
         fed, positions, allowed = tree_inputs(pending, tree, past)
         q = len(fed)
@@ -133,26 +119,11 @@ class StaticRunner(ForwardLog):
         self._last = (p, fed)
         # CUDA graphs reuse their output buffers: copy out (in float32 that is not otherwise a copy)
         logits = logits.to(torch.float32, copy=self._compiled() and self.device.type == "cuda")
-        self._logged(start, q, past, compiled=self._compiled_now)
+        self.log.record(start, q, past, compiled=self._compiled_now)
         if self._compiled_now:
             self.compile_seconds += time.perf_counter() - start
             self._compiled_now = False
         return logits
-
-    def keep(self, path: Sequence[int]) -> None:
-        """After `forward`: keep the pending tokens and the accepted tree nodes `path`, drop the rest."""
-        p, fed = self._last
-        self._log_pending()
-        path = list(path)
-        move_accepted(self.cache, len(self.tokens) + p, path)
-        self.tokens += fed[:p] + [fed[p + i] for i in path]
-        self._last = None
-
-    def rewind(self, sequence: Sequence[int]) -> list[int]:
-        """Drop cached tokens after the longest prefix shared with `sequence` (short of its last
-        token, see `runner.reusable_prefix`); return the pending rest."""
-        del self.tokens[reusable_prefix(self.tokens, sequence):]
-        return list(sequence[len(self.tokens):])
 
     def _compiled(self) -> bool:
         return self.compile and self.model not in _BROKEN
@@ -243,7 +214,7 @@ def check_static_support(model) -> None:
         raise UnsupportedModelError(f"{name} has no static KV cache layout: {exc}") from exc
     if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
         raise UnsupportedModelError(f"{name} needs cache layers other than full attention ({config.model_type})")
-    _cache_argument(model)
+    cache_argument(model)
 
 
 def cache_config(model):
@@ -313,22 +284,29 @@ def fast_path_blocker(model, fast: bool | None) -> str | None:
     return compile_blocker(model) or (None if fast else compile_not_worth(model))
 
 
-def make_runner(model, *, fast: bool | None = None, role: str = "target"):
-    """The runner for `model`: a compiled `StaticRunner` when `fast` is True, or None and it pays
-    on this device; otherwise, or where it cannot work, `ModelRunner`, saying why in one line."""
+def runs_compiled(model, fast: bool | None = None) -> bool:
+    """Whether `generate(fast=fast)` runs `model` on the compiled fast path: True asks for it (and
+    says why not where it cannot work), None takes it where it pays on this device (logging why not)."""
     if fast is False:
-        return ModelRunner(model, role=role)
+        return False
     reason = fast_path_blocker(model, fast)
     if reason is None:
         try:
-            return StaticRunner(model, compile=True, role=role)
+            check_static_support(model)
+            return True
         except UnsupportedModelError as exc:
             reason = str(exc)
     if fast:
-        warnings.warn(f"fast path off, using the eager runner: {reason}", stacklevel=2)
+        warnings.warn(f"fast path off, using the eager runner: {reason}", stacklevel=3)
     else:
         logger.info("fast path off, using the eager runner: %s", reason)
-    return ModelRunner(model, role=role)
+    return False
+
+
+def make_runner(model, *, fast: bool | None = None, role: str = "target"):
+    """The runner for `model`: a compiled `StaticRunner` where `runs_compiled(model, fast)`, else
+    `ModelRunner`."""
+    return StaticRunner(model, compile=True, role=role) if runs_compiled(model, fast) else ModelRunner(model, role=role)
 
 
 def runner_kind(runner) -> str:

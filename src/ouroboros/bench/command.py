@@ -34,9 +34,9 @@ from ..arguments import (
     fast_from_args,
     require_module,
 )
-from ..cost_cache import cost_table
 from ..costs import CostTable
 from ..default_pair import default_pair_dirs
+from ..engine import cost_table
 from ..errors import InvalidArgumentError
 from ..loading import load_pair
 from ..model_facts import context_length, eos_token_ids

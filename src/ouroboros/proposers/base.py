@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..acceptance import StepResult
 from ..pool import Phrase
-from ..runner import ModelRunner
+from ..runner import Runner
 from ..tree import DraftTree
+
+if TYPE_CHECKING:
+    from ..planning import Plan
 
 
 @dataclass
@@ -59,12 +62,19 @@ class Proposer(Protocol):
 
     events: Counter[str]
     """How often each acceptance path happened (diagnostics, and proof in tests)."""
-    draft_runner: ModelRunner | None
+    draft_runner: Runner | None
     """The draft model's runner, or None for strategies that use no draft model."""
 
     def propose(self, context: Context) -> Proposal: ...
 
     def learn(self, context: Context, proposal: Proposal, result: StepResult) -> None: ...
+
+
+@runtime_checkable
+class Planned(Protocol):
+    """A proposer that chose its strategy before decoding (`auto`): the stats report its plan."""
+
+    plan: Plan
 
 
 class NullProposer:

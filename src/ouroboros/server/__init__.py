@@ -10,9 +10,9 @@
 from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, POOL_MODES, create_app
 from .cli import API_KEY_ENV, add_serve_parser, cmd_serve
 from .schema import APIError
-from .worker import Engine, TextTracker, open_pool_file, tokenizer_fingerprint
+from .worker import TextTracker, Worker, open_pool_file, tokenizer_fingerprint
 
 __all__ = [
-    "API_KEY_ENV", "APIError", "DEFAULT_MAX_QUEUE", "DEFAULT_MAX_TOKENS", "MAX_BODY_BYTES", "POOL_MODES", "Engine",
+    "API_KEY_ENV", "APIError", "DEFAULT_MAX_QUEUE", "DEFAULT_MAX_TOKENS", "MAX_BODY_BYTES", "POOL_MODES", "Worker",
     "TextTracker", "add_serve_parser", "cmd_serve", "create_app", "open_pool_file", "tokenizer_fingerprint",
 ]

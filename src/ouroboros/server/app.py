@@ -1,7 +1,7 @@
 """The HTTP app: routes, the API key, and error answers.
 
 The asyncio event loop only parses, tokenizes (in a thread pool) and relays text, so it never waits
-on a model; generations run on the engine's worker thread (see `worker`).
+on a model; generations run on the worker's thread (see `worker`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from starlette.requests import ClientDisconnect
 
 from ..arguments import DEFAULT_METHOD
 from ..config import OuroborosConfig
-from ..cost_cache import cost_table
 from ..errors import InvalidArgumentError, OuroborosError
 from ..methods import get_method
 from ..model_facts import context_length, vocab_size
@@ -51,7 +50,7 @@ from .schema import (
     sampling,
     token_budget,
 )
-from .worker import Engine, Job, Result, open_pool_file, tokenizer_fingerprint
+from .worker import Job, Result, Worker, open_pool_file, tokenizer_fingerprint
 
 log = logging.getLogger("ouroboros.server")
 
@@ -118,9 +117,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
         pool = (open_pool_file(Path(pool_file), config, fingerprint) if pool_file is not None
                 else PhrasePool(config.level, config.pool_size))
     name = model_name or Path(getattr(target, "name_or_path", "") or "").name or "ouroboros"
-    # auto's costs are measured (or read from the cache) now, not on the first request
-    costs = cost_table(target, draft if uses_draft else None, fast=fast, progress=True) if method == "auto" else None
-    engine = Engine(target, draft, tokenizer, method=method, config=config, pool=pool, costs=costs, fast=fast,
+    worker = Worker(target, draft, tokenizer, method=method, config=config, pool=pool, fast=fast,
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
                     save_interval=pool_save_interval, max_queue=max_queue, warm_up=warm_up, on_ready=on_ready,
@@ -132,22 +129,22 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        worker.start()
         try:
             yield
         finally:
-            await run_in_threadpool(engine.stop)
+            await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="ouroboros", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.engine, app.state.model_name = engine, name
-    _add_error_handlers(app, engine)
+    app.state.worker, app.state.model_name = worker, name
+    _add_error_handlers(app, worker)
     authorized = [Depends(_authorize(settings))]
 
     @app.get("/health")
     async def health() -> Response:
-        if not engine.alive():
+        if not worker.alive():
             return _json_response({"status": "error", "detail": "the generation worker is not running"}, 503)
-        if not engine.ready.is_set():
+        if not worker.ready.is_set():
             return _json_response({"status": "warming up", "detail": "one generation runs before the first request "
                                    "(compiling the fast path); requests sent now wait for it"}, 503,
                                   headers={"Retry-After": "5"})
@@ -155,7 +152,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
 
     @app.get("/metrics", dependencies=authorized)
     async def metrics() -> Response:
-        text = render_metrics(engine.metrics, *engine.queue_depth())
+        text = render_metrics(worker.metrics, *worker.queue_depth())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=authorized)
@@ -168,26 +165,26 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
         body, options = await _read_options(request, settings, Options)
         prompt = parse_prompt(require(body, "prompt"))
         stop = parse_stop(body.get("stop"))
-        ids = await run_in_threadpool(_encode_prompt, engine, prompt, settings.vocab_size)
-        return await _generate(request, engine, settings, "completions", options, ids, "prompt", stop)
+        ids = await run_in_threadpool(_encode_prompt, worker, prompt, settings.vocab_size)
+        return await _generate(request, worker, settings, "completions", options, ids, "prompt", stop)
 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(request: Request) -> Response:
         body, options = await _read_options(request, settings, ChatOptions)
         messages = parse_messages(require(body, "messages"))
         stop = parse_stop(body.get("stop"))
-        ids = await run_in_threadpool(_encode_chat, engine, messages)
-        return await _generate(request, engine, settings, "chat_completions", options, ids, "messages", stop)
+        ids = await run_in_threadpool(_encode_chat, worker, messages)
+        return await _generate(request, worker, settings, "chat_completions", options, ids, "messages", stop)
 
     return app
 
 
-def _add_error_handlers(app: FastAPI, engine: Engine) -> None:
+def _add_error_handlers(app: FastAPI, worker: Worker) -> None:
     """Every error is an OpenAI error object: ours as raised, the package's input errors as 400s,
     Starlette's (404, 405) as they are; anything else is a bug, answered by `_InternalErrors`."""
     async def api_error(request: Request, exc: APIError) -> Response:
         if 400 <= exc.status < 500:
-            engine.metrics.rejected += 1
+            worker.metrics.rejected += 1
         return _json_response(exc.body(), exc.status, exc.headers)
 
     async def package_error(request: Request, exc: OuroborosError) -> Response:
@@ -276,29 +273,29 @@ async def _read_json(request: Request, limit: int) -> Any:
         raise bad(f"the request body is not valid JSON: {exc}") from None
 
 
-def _encode_prompt(engine: Engine, prompt: str | list[int], vocab_size: int) -> list[int]:
+def _encode_prompt(worker: Worker, prompt: str | list[int], vocab_size: int) -> list[int]:
     if isinstance(prompt, list):
         check_token_ids(prompt, vocab_size)
         return prompt
     try:
-        with engine.tokenizer_lock:
-            return engine.tokenizer(prompt).input_ids
+        with worker.tokenizer_lock:
+            return worker.tokenizer(prompt).input_ids
     except (ValueError, TypeError) as exc:  # e.g. a lone surrogate that JSON allows and the tokenizer refuses
         raise bad(f"the prompt cannot be tokenized: {exc}", "prompt") from None
 
 
-def _encode_chat(engine: Engine, messages: list[dict]) -> list[int]:
-    if not engine.tokenizer.chat_template:
+def _encode_chat(worker: Worker, messages: list[dict]) -> list[int]:
+    if not worker.tokenizer.chat_template:
         raise bad("the model has no chat template: use /v1/completions", "messages")
     try:
-        with engine.tokenizer_lock:
-            text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return engine.tokenizer(text, add_special_tokens=False).input_ids
+        with worker.tokenizer_lock:
+            text = worker.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return worker.tokenizer(text, add_special_tokens=False).input_ids
     except Exception as exc:  # a template is the model's code: it refuses conversations with any exception
         raise bad(f"the messages cannot be formatted with the model's chat template: {exc}", "messages") from None
 
 
-async def _generate(request: Request, engine: Engine, settings: _Settings, endpoint: str, options: Options,
+async def _generate(request: Request, worker: Worker, settings: _Settings, endpoint: str, options: Options,
                     ids: list[int], prompt_param: str, stop: list[str]) -> Response:
     """Queue the generation (or refuse it: 400, or 503 when full) and answer with its result or stream."""
     chat = endpoint == "chat_completions"
@@ -306,11 +303,11 @@ async def _generate(request: Request, engine: Engine, settings: _Settings, endpo
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     max_tokens = token_budget(options, len(ids), prompt_param, settings.context_limit, settings.default_max_tokens)
     job = Job(request_id, ids, max_tokens, sampling(options), stop, options.stream)
-    engine.submit(job, endpoint)
+    worker.submit(job, endpoint)
     head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
     if options.stream:
-        return _JobStream(engine, job, _events(job, head, chat, options.include_usage))
-    result = await _result(engine, job, request)
+        return _JobStream(worker, job, _events(job, head, chat, options.include_usage))
+    result = await _result(worker, job, request)
     if result is None:  # the client is gone; this response is never read
         return Response(status_code=499)
     if chat:
@@ -321,7 +318,7 @@ async def _generate(request: Request, engine: Engine, settings: _Settings, endpo
     return _json_response({**head, "object": obj, "choices": [choice], "usage": result.usage()})
 
 
-async def _result(engine: Engine, job: Job, request: Request) -> Result | None:
+async def _result(worker: Worker, job: Job, request: Request) -> Result | None:
     """The job's result, or None (and the job cancelled) if the client disconnects first."""
 
     async def final() -> Result:
@@ -343,7 +340,7 @@ async def _result(engine: Engine, job: Job, request: Request) -> Result | None:
         for task in tasks:
             task.cancel()
         if not job.finished:
-            engine.cancel(job)
+            worker.cancel(job)
     if tasks[0].done() and not tasks[0].cancelled():
         return tasks[0].result()
     return None
@@ -353,17 +350,17 @@ class _JobStream(StreamingResponse):
     """Server-sent events for a queued job, which is cancelled however the response ends: finished,
     cut by a disconnect, or never started because the client left first."""
 
-    def __init__(self, engine: Engine, job: Job, events):
+    def __init__(self, worker: Worker, job: Job, events):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.engine, self.job = engine, job
+        self.worker, self.job = worker, job
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             if not self.job.finished:
-                self.engine.cancel(self.job)
+                self.worker.cancel(self.job)
 
 
 async def _events(job: Job, head: dict, chat: bool, include_usage: bool):

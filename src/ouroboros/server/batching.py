@@ -5,8 +5,10 @@ Each request's text is exactly what it gets alone: the session decodes every row
 on its own, and the request's stream, stop strings and metrics go through the same `TextTracker`
 and counters as the one-at-a-time worker. A request's prompt is fed in a forward of its own on the
 compiled packages, so it does not widen the running rows' forward to its length. A request that
-`BatchSession.add` refuses gets its own error; a failure inside a step ends the requests of that
-step with a 500 each (the traceback in the log) and the batch starts afresh for the next ones.
+`BatchSession.add` refuses gets its own error. A request whose own generation raises (its proposer,
+NaN logits in its verification) ends with its own 500 (the traceback in the log) while the other
+rows go on, their output unchanged; a failure of the whole step (the batched forward) ends that
+step's requests with a 500 each and the batch starts afresh for the next ones.
 """
 
 from __future__ import annotations
@@ -36,35 +38,35 @@ class _Running:
     """New tokens already handed to the tracker."""
 
 
-def run_batched(engine) -> None:
-    """The worker's loop: admit waiting requests up to `engine.max_batch` rows, step, stream, finish."""
+def run_batched(worker) -> None:
+    """The worker's loop: admit waiting requests up to `worker.max_batch` rows, step, stream, finish."""
     while True:
-        session = BatchSession(engine.target, engine.draft, method=engine.method, config=engine.config,
-                               fast=engine.fast)
+        session = BatchSession(worker.target, worker.draft, method=worker.method, config=worker.config,
+                               engine=worker.engine)
         with session:
-            if not _serve(engine, session):
+            if not _serve(worker, session):
                 return
 
 
-def _serve(engine, session: BatchSession) -> bool:
-    """Run `session` until the engine closes (False) or a step fails (True: start a new session)."""
+def _serve(worker, session: BatchSession) -> bool:
+    """Run `session` until the worker closes (False) or a step fails (True: start a new session)."""
     rows: dict[int, _Running] = {}
     while True:
-        jobs = engine.next_jobs(engine.max_batch - len(rows), idle=not rows)
+        jobs = worker.next_jobs(worker.max_batch - len(rows), idle=not rows)
         if jobs is None:  # closing: the running requests end now with their text so far, as when alone
             for index, running in rows.items():
                 session.cancel(index)
-                _finish(engine, session, index, running)
+                _finish(worker, session, index, running)
             return False
         for job in jobs:
-            _admit(engine, session, rows, job)
+            _admit(worker, session, rows, job)
         stepped = len(rows)
         if rows:
             try:
                 ended = session.step()
             except Exception as exc:  # the step's requests fail, each with its own error; the server goes on
-                _fail_all(engine, rows, exc)
-                engine.stepped([], 0)
+                _fail_all(worker, rows, exc)
+                worker.stepped([], 0)
                 return True
             for index, running in list(rows.items()):
                 _push(running, session.rows[index].new_tokens)  # a row that ended on EOS was not asked to stop
@@ -72,13 +74,13 @@ def _serve(engine, session: BatchSession) -> bool:
                     session.cancel(index)
                     ended.append(index)
             for index in ended:
-                _finish(engine, session, index, rows.pop(index))
-        engine.stepped([running.job for running in rows.values()], stepped)
-        engine.save_pool_when_due()
+                _finish(worker, session, index, rows.pop(index))
+        worker.stepped([running.job for running in rows.values()], stepped)
+        worker.save_pool_when_due()
 
 
-def _admit(engine, session: BatchSession, rows: dict[int, _Running], job) -> None:
-    tracker = TextTracker(engine.decode, job.stop, (lambda text: job.emit("text", text)) if job.stream else None)
+def _admit(worker, session: BatchSession, rows: dict[int, _Running], job) -> None:
+    tracker = TextTracker(worker.decode, job.stop, (lambda text: job.emit("text", text)) if job.stream else None)
     tracker.put(torch.tensor(job.prompt_ids))  # its first call carries the prompt
     running = _Running(job, tracker)
 
@@ -87,10 +89,10 @@ def _admit(engine, session: BatchSession, rows: dict[int, _Running], job) -> Non
         return job.cancelled.is_set() or tracker.stopped
 
     try:
-        index = session.add(job.prompt_ids, max_new_tokens=job.max_tokens, eos=set(eos_token_ids(engine.target, None)),
-                            stopping=stopping, pool=engine.pool, verify=verifier(job.sampling))
+        index = session.add(job.prompt_ids, max_new_tokens=job.max_tokens, eos=set(eos_token_ids(worker.target, None)),
+                            stopping=stopping, pool=worker.pool, verify=verifier(job.sampling))
     except OuroborosError as exc:  # a request the session refuses that the schema let through
-        engine.record(job, None, tracker)
+        worker.record(job, None, tracker)
         job.emit("error", from_package_error(exc))
         return
     rows[index] = running
@@ -103,20 +105,26 @@ def _push(running: _Running, new: list[int]) -> None:
         running.sent = len(new)
 
 
-def _finish(engine, session: BatchSession, index: int, running: _Running) -> None:
+def _finish(worker, session: BatchSession, index: int, running: _Running) -> None:
     row = session.rows[index]
+    if row.error is not None:  # its own failure: its own error, the other rows went on
+        _fail_all(worker, {index: running}, row.error)
+        return
     running.tracker.finish()
     out = SimpleNamespace(stats=row.stats, finish_reason="length" if row.finish == "length" else "stop")
-    finish = engine.record(running.job, out, running.tracker)
+    finish = worker.record(running.job, out, running.tracker)
     running.job.emit("done", Result(running.tracker.text, finish, len(row.prompt), row.stats.new_tokens))
 
 
-def _fail_all(engine, rows: dict[int, _Running], exc: Exception) -> None:
+def _fail_all(worker, rows: dict[int, _Running], exc: Exception) -> None:
+    """Each of `rows` ends with its own error for `exc`: a package error's 4xx, else a 500 naming
+    its request id, with the traceback in the log."""
     if isinstance(exc, OuroborosError):
         errors = {index: from_package_error(exc) for index in rows}
     else:
-        log.exception("a batched step failed (request ids %s)", ", ".join(r.job.id for r in rows.values()))
+        log.error("generation failed (request ids %s)", ", ".join(r.job.id for r in rows.values()),
+                  exc_info=(type(exc), exc, exc.__traceback__))
         errors = {index: internal_error(running.job.id) for index, running in rows.items()}
     for index, running in rows.items():
-        engine.record(running.job, None, running.tracker)
+        worker.record(running.job, None, running.tracker)
         running.job.emit("error", errors[index])

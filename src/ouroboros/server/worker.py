@@ -23,6 +23,7 @@ import torch
 
 from ..aot import MAX_ROWS
 from ..config import OuroborosConfig
+from ..engine import Engine
 from ..errors import ConfigError, InvalidArgumentError, OuroborosError
 from ..generation import generate
 from ..methods import get_method
@@ -63,7 +64,7 @@ def _shutting_down() -> APIError:
     return APIError(503, "the server is shutting down", type="server_error")
 
 
-class Engine:
+class Worker:
     """The loaded pair, the job queue and the worker thread that runs one job at a time.
 
     The shared phrase pool is touched only by the worker (periodic saves happen between jobs) and,
@@ -71,7 +72,7 @@ class Engine:
     """
 
     def __init__(self, target, draft, tokenizer, *, method: str, config: OuroborosConfig, pool: PhrasePool | None,
-                 pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int, costs=None,
+                 pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int,
                  fast: bool | None = None, warm_up: bool = True, on_ready=None, max_batch: int = 1):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.warm_up = warm_up
@@ -81,14 +82,16 @@ class Engine:
             self.ready.set()
         self.on_ready = on_ready
         """Called with the warm-up's seconds once ready (the CLI prints it)."""
-        self.costs, self.fast = costs, fast
-        """This machine's cost table, for method="auto" (measured once at start)."""
         self.method, self.config, self.pool = method, config, pool
         self.pool_file, self.pool_metadata, self.save_interval = pool_file, pool_metadata, save_interval
         self.max_queue = max_queue
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_ROWS:
             raise InvalidArgumentError(f"max_batch must be an int in 1..{MAX_ROWS}, got {max_batch!r}")
         self.max_batch = max_batch  # requests decoded together (`batching`); 1: one at a time
+        self.engine = Engine(target, draft, fast=fast)
+        """The pair's runners and cost tables (`ouroboros.engine`), shared by every request."""
+        # auto's costs are measured (or read from the cache) now, not on the first request
+        self.costs = self.engine.costs(progress=True) if get_method(method).needs_costs else None
         self.tokenizer_lock = threading.Lock()
         """Held for every tokenizer call: Rust tokenizers can fail when used from two threads at once."""
         self.metrics = Metrics(pool_phrases=len(pool) if pool is not None else 0)
@@ -213,10 +216,10 @@ class Engine:
                 generate(self.target, torch.tensor([ids], device=self.target.device), draft=self.draft,
                          method=method, max_new_tokens=WARM_UP_TOKENS, config=self.config,
                          pool=PhrasePool(self.config.level, self.config.pool_size), costs=self.costs,
-                         fast=self.fast)
+                         engine=self.engine)
             if self.max_batch > 1:  # the batched forwards' costs (measured once per machine) and shapes
                 generate(self.target, [ids, ids[: len(ids) // 2]], draft=self.draft, method=self.method,
-                         max_new_tokens=WARM_UP_TOKENS, config=self.config, fast=self.fast, eos_token_id=[])
+                         max_new_tokens=WARM_UP_TOKENS, config=self.config, engine=self.engine, eos_token_id=[])
         except Exception:
             log.exception("the warm-up generation failed; serving without it")
         finally:
@@ -268,7 +271,7 @@ class Engine:
         try:
             out = generate(self.target, torch.tensor([job.prompt_ids], device=self.target.device), draft=self.draft,
                            method=self.method, max_new_tokens=job.max_tokens, config=self.config,
-                           pool=self.pool, streamer=tracker, costs=self.costs, fast=self.fast,
+                           pool=self.pool, streamer=tracker, costs=self.costs, engine=self.engine,
                            stopping=lambda new_ids: job.cancelled.is_set() or tracker.stopped, **job.sampling)
             tracker.finish()
         except OuroborosError as exc:  # a request `generate` refuses that the schema let through
