@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+import torch  # noqa: E402
 from server_helpers import (  # noqa: E402
     MODEL,
     PROMPTS,
@@ -123,3 +124,68 @@ def test_max_batch_must_be_a_row_count(max_batch):
     target, draft = make_pair()
     with pytest.raises(InvalidArgumentError, match="max_batch"):
         create_app(target, draft, TOKENIZER, model_name=MODEL, max_batch=max_batch)
+
+
+def test_sixteen_clients_with_leavers_bad_requests_and_failures_inside_generation(batched, monkeypatch):
+    """16 concurrent clients: 6 ordinary requests, 4 that leave mid-stream, 4 bad requests and 2 whose
+    generation fails inside the batch (NaN logits in their own verification). Every ordinary answer
+    equals the request alone; each failure gets its own 500 while the rows beside it go on; the
+    counters add up (accepted = finished + aborted + failed; bad requests rejected, never queued)."""
+    url, target = batched
+    real_add = BatchSession.add
+
+    def add(self, prompt, *, verify, **kwargs):  # a marked prompt's logits turn NaN: its sampler refuses them
+        if TOKENIZER.decode(prompt).startswith("FAIL"):
+            verify = (lambda sampler: lambda tree, logits: sampler(tree, torch.full_like(logits, float("nan"))))(verify)
+        return real_add(self, prompt, verify=verify, **kwargs)
+
+    monkeypatch.setattr(BatchSession, "add", add)
+    lengths = {p: 6 + 2 * i for i, p in enumerate(PROMPTS[:6])}
+    expected = {p: decode(hf_greedy(target, TOKENIZER(p).input_ids, lengths[p])) for p in lengths}
+    bad = [dict(prompt="Hi", max_tokens=0), dict(prompt="Hi", max_tokens=4, temperature=-1.0),
+           dict(prompt="Hi", max_tokens=4, top_p=1.5), dict(prompt="Hi", max_tokens=4, stop=["x"] * 17)]
+
+    def ordinary(prompt, stream):
+        c = client(url, timeout=120)
+        if stream:
+            return "".join(ch.choices[0].text for ch in c.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=lengths[prompt], stream=True))
+        return c.completions.create(model=MODEL, prompt=prompt, max_tokens=lengths[prompt]).choices[0].text
+
+    def leaver():
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "stream": True}) as response:
+            lines = response.iter_lines()
+            return next(line for line in lines if line).startswith("data: {")
+
+    def failing(prompt):
+        with pytest.raises(openai.InternalServerError, match="internal error") as caught:
+            client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, seed=1)
+        return caught.value.status_code
+
+    def refused(body):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(url).completions.create(model=MODEL, **body)
+        return caught.value.status_code
+
+    before = metrics(url)
+    with ThreadPoolExecutor(16) as pool:
+        answers = {p: pool.submit(ordinary, p, i % 2) for i, p in enumerate(lengths)}
+        leavers = [pool.submit(leaver) for _ in range(4)]
+        failures = [pool.submit(failing, p) for p in ("FAIL one", "FAIL two")]
+        refusals = [pool.submit(refused, body) for body in bad]
+        assert {p: f.result(timeout=180) for p, f in answers.items()} == expected
+        assert all(f.result(timeout=60) for f in leavers)
+        assert [f.result(timeout=60) for f in failures] == [500, 500]
+        assert [f.result(timeout=60) for f in refusals] == [400] * 4
+    finished = lambda m: {reason: m[f'ouroboros_requests_finished_total{{reason="{reason}"}}']  # noqa: E731
+                          for reason in ("stop", "length", "aborted", "error")}
+    wait_for(lambda: metrics(url)["ouroboros_requests_running"] == 0)
+    m = metrics(url)
+    done = {reason: count - finished(before)[reason] for reason, count in finished(m).items()}
+    accepted = sum(m[k] - before[k] for k in m if k.startswith("ouroboros_requests_total"))
+    assert done == {"stop": 0, "length": 6, "aborted": 4, "error": 2} and accepted == sum(done.values()) == 12
+    assert m["ouroboros_requests_rejected_total"] - before["ouroboros_requests_rejected_total"] == 4
+    ttft = "ouroboros_time_to_first_token_seconds"
+    assert m[f"{ttft}_count"] - before[f"{ttft}_count"] == 10  # the ordinary requests and the leavers, not the failures
+    assert m[f'{ttft}_bucket{{le="+Inf"}}'] == m[f"{ttft}_count"] and m[f"{ttft}_sum"] > before[f"{ttft}_sum"]

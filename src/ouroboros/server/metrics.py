@@ -5,6 +5,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""Upper bounds (seconds) of the time-to-first-token histogram's buckets."""
+
+
+@dataclass
+class Histogram:
+    """A Prometheus histogram: counts per upper bound (cumulative when rendered), sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.bounds)
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.total += value
+        self.count += 1
+
+    def samples(self) -> dict[str, float]:
+        """`_bucket{le=...}` (cumulative, +Inf last), `_sum` and `_count`, by name suffix and labels."""
+        out, running = {}, 0
+        for bound, count in zip(self.bounds, self.counts or [0] * len(self.bounds)):
+            running += count
+            out[f'_bucket{{le="{bound:g}"}}'] = running
+        out['_bucket{le="+Inf"}'] = self.count
+        out["_sum"] = round(self.total, 6)
+        out["_count"] = self.count
+        return out
+
 
 @dataclass
 class Metrics:
@@ -28,6 +62,9 @@ class Metrics:
     batch_steps: int = 0
     batch_rows: int = 0
     """--max-batch > 1: batched steps, and the rows they decoded (summed over steps)."""
+    first_token: Histogram = field(default_factory=lambda: Histogram(FIRST_TOKEN_BUCKETS))
+    """Seconds from a request's arrival in the queue to its first generated token (queue wait and
+    prefill included)."""
 
     def count_events(self, events: dict, plan_start: str) -> None:
         """Add one generation's acceptance and auto counters."""
@@ -72,6 +109,9 @@ def render_metrics(m: Metrics, waiting: int, running: int) -> str:
     metric("requests_running", "gauge", "Requests being generated (up to --max-batch).", running)
     metric("batch_steps_total", "counter", "Batched decoding steps (--max-batch > 1).", m.batch_steps)
     metric("batch_rows_total", "counter", "Requests decoded by the batched steps, summed over steps.", m.batch_rows)
+    metric("time_to_first_token_seconds", "histogram",
+           "Seconds from a request's arrival to its first generated token (queue and prefill included).",
+           m.first_token.samples())
     metric("pool_phrases", "gauge", "Phrases in the shared phrase pool.", m.pool_phrases)
     metric("draft_trunks_total", "counter", "Draft-model trunks accepted whole or in part by the target.",
            {f'{{result="{k}"}}': v for k, v in m.draft_trunks.items()})

@@ -3,6 +3,7 @@ the result it ends with; shared by the one-at-a-time worker and the batched loop
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +24,15 @@ class TextTracker:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.first_token_at: float | None = None
+        """`time.monotonic()` when the first generated token arrived."""
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # the first call carries the prompt
             self._prompt_seen = True
             return
+        if self.first_token_at is None and value.numel():
+            self.first_token_at = time.monotonic()
         if self.stopped:
             return
         self._ids += value.reshape(-1).tolist()

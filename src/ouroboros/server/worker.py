@@ -52,6 +52,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.finished = False
+        self.arrived = time.monotonic()
 
     def emit(self, kind: str, value) -> None:
         try:
@@ -296,6 +297,8 @@ class Worker:
             self._dirty = self.pool is not None
             m.pool_phrases = len(self.pool) if self.pool is not None else 0
             m.finished["aborted" if job.cancelled.is_set() else finish] += 1
+            if tracker.first_token_at is not None:
+                m.first_token.observe(tracker.first_token_at - job.arrived)
             if out is not None:
                 s = out.stats
                 m.prompt_tokens += len(job.prompt_ids)
