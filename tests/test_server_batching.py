@@ -28,7 +28,7 @@ from server_helpers import (  # noqa: E402
     wait_for,
 )
 
-from ouroboros import InvalidArgumentError  # noqa: E402
+from ouroboros import InvalidArgumentError, generate  # noqa: E402
 from ouroboros.batch_session import BatchSession  # noqa: E402
 from ouroboros.server import create_app  # noqa: E402
 
@@ -98,6 +98,9 @@ def test_clients_that_leave_mid_stream_free_their_rows_and_the_others_go_on(batc
 
 
 def test_a_failing_step_fails_its_requests_and_the_server_goes_on(batched, monkeypatch, caplog):
+    """A failure of a whole batched step (not of one row): each of its requests gets its own 500,
+    and the next request is served. The first request runs alone until the second arrives and both
+    are rows of the step that fails."""
     url, target = batched
     real, failures = BatchSession.step, []
 
@@ -107,16 +110,23 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(batched, monke
             raise RuntimeError("a bug inside a step")
         return real(self)
 
+    def request(prompt: str, max_tokens: int):
+        with pytest.raises(openai.InternalServerError, match="internal error"):
+            client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens)
+
     monkeypatch.setattr(BatchSession, "step", step)
     before = metrics(url)
-    with pytest.raises(openai.InternalServerError, match="internal error"):
-        client(url).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(request, PROMPTS[0], 2000)
+        wait_for(lambda: metrics(url)["ouroboros_requests_running"] == 1)
+        second = pool.submit(request, PROMPTS[2], 5)
+        first.result(timeout=60), second.result(timeout=60)
     assert "a bug inside a step" in caplog.text
     text = client(url).completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=5).choices[0].text
     assert text == decode(hf_greedy(target, TOKENIZER(PROMPTS[1]).input_ids, 5))
     m = metrics(url)
     error = 'ouroboros_requests_finished_total{reason="error"}'
-    assert m[error] == before[error] + 1 and m["ouroboros_requests_running"] == 0
+    assert m[error] == before[error] + 2 and m["ouroboros_requests_running"] == 0
 
 
 @pytest.mark.parametrize("max_batch", [0, 65, 2.5, True])
@@ -189,3 +199,28 @@ def test_sixteen_clients_with_leavers_bad_requests_and_failures_inside_generatio
     ttft = "ouroboros_time_to_first_token_seconds"
     assert m[f"{ttft}_count"] - before[f"{ttft}_count"] == 10  # the ordinary requests and the leavers, not the failures
     assert m[f'{ttft}_bucket{{le="+Inf"}}'] == m[f"{ttft}_count"] and m[f"{ttft}_sum"] > before[f"{ttft}_sum"]
+
+
+def test_a_request_alone_runs_the_single_stream_loop_then_joins_the_batch_exactly(batched):
+    """The batch is empty, so a request runs alone (the single-stream loop, as fast as --max-batch 1);
+    when another arrives it joins the batch where it stands. Its text is still exactly its own: greedy,
+    and seeded sampling (its random stream goes on in the batch)."""
+    url, target = batched
+    sampled = dict(temperature=0.8, seed=7)
+    ids = {p: TOKENIZER(p).input_ids for p in PROMPTS[:4]}
+    alone = {p: decode(generate(target, torch.tensor([ids[p]]), method="vanilla", max_new_tokens=60, eos_token_id=[],
+                                do_sample=True, temperature=0.8, seed=7).sequences[0, len(ids[p]):].tolist())
+             for p in PROMPTS[2:4]}
+    before = metrics(url)
+
+    def first_then_rest(prompt: str, **options) -> str:
+        chunks = client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=60, stream=True, **options)
+        first = next(iter(chunks)).choices[0].text  # it runs alone now: let another request come
+        joined = client(url).completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=5).choices[0].text
+        assert joined == decode(hf_greedy(target, ids[PROMPTS[1]], 5))
+        return first + "".join(chunk.choices[0].text for chunk in chunks)
+
+    assert first_then_rest(PROMPTS[0]) == decode(hf_greedy(target, ids[PROMPTS[0]], 60))
+    for prompt in PROMPTS[2:4]:
+        assert first_then_rest(prompt, **sampled) == alone[prompt]
+    assert metrics(url)["ouroboros_batch_handoffs_total"] - before["ouroboros_batch_handoffs_total"] == 3

@@ -14,7 +14,8 @@ step's requests with a 500 each and the batch starts afresh for the next ones.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from ..batch_session import BatchSession
 from ..errors import OuroborosError
 from ..model_facts import eos_token_ids
+from ..request import GenerationStats
 from .schema import from_package_error, internal_error, verifier
 from .text import Result, TextTracker
 
@@ -35,7 +37,19 @@ class _Running:
     job: object
     tracker: object
     sent: int = 0
-    """New tokens already handed to the tracker."""
+    """New tokens of its row already handed to the tracker."""
+    alone: GenerationStats | None = None
+    """What the job generated alone before it joined the batch (`_start_alone`), if it did."""
+
+
+@dataclass
+class _Alone:
+    """A job that ran alone until others arrived: where it stands, for its row in the batch."""
+
+    tracker: TextTracker
+    tokens: list[int]
+    stats: GenerationStats
+    generator: torch.Generator
 
 
 def run_batched(worker) -> None:
@@ -58,6 +72,11 @@ def _serve(worker, session: BatchSession) -> bool:
                 session.cancel(index)
                 _finish(worker, session, index, running)
             return False
+        if not rows and len(jobs) == 1:
+            _start_alone(worker, session, rows, jobs[0])
+            if rows:  # it joined the batch: the requests now waiting join it before the next step
+                continue
+            jobs = []
         for job in jobs:
             _admit(worker, session, rows, job)
         stepped = len(rows)
@@ -79,18 +98,54 @@ def _serve(worker, session: BatchSession) -> bool:
         worker.save_pool_when_due()
 
 
-def _admit(worker, session: BatchSession, rows: dict[int, _Running], job) -> None:
-    tracker = TextTracker(worker.decode, job.stop, (lambda text: job.emit("text", text)) if job.stream else None)
-    tracker.put(torch.tensor(job.prompt_ids))  # its first call carries the prompt
-    running = _Running(job, tracker)
+def _start_alone(worker, session: BatchSession, rows: dict[int, _Running], job) -> None:
+    """A request that finds the batch empty runs the single-stream loop, as fast as `--max-batch 1`,
+    until another request waits; then it joins the batch where it stands (its tokens so far extend
+    its row's prompt, its random stream goes on), so its output is what it would be alone."""
+    tracker, generator = worker.tracker(job), _generator(job.sampling)
+    handed = []
+
+    def until(new: list[int]) -> bool:
+        handed.append(len(new) < job.max_tokens and worker.others_waiting())
+        return handed[-1]
+
+    out, error = worker.run_alone(job, tracker, until=until, generator=generator)
+    if out is None or not any(handed) or job.cancelled.is_set() or tracker.stopped:
+        worker.conclude(job, tracker, out, error)
+        return
+    worker.handed_over()
+    _admit(worker, session, rows, job, _Alone(tracker, out.sequences[0, len(job.prompt_ids):].tolist(), out.stats,
+                                              generator))
+
+
+def _generator(sampling: dict) -> torch.Generator:
+    """The job's random stream, seeded as `generate` seeds it from the request's seed."""
+    generator = torch.Generator()
+    if sampling.get("seed") is not None:
+        generator.manual_seed(sampling["seed"])
+    else:
+        generator.seed()
+    return generator
+
+
+def _admit(worker, session: BatchSession, rows: dict[int, _Running], job, alone: _Alone | None = None) -> None:
+    if alone is None:
+        tracker, done = worker.tracker(job), []
+        tracker.put(torch.tensor(job.prompt_ids))  # its first call carries the prompt
+        verify = verifier(job.sampling)
+    else:
+        tracker, done = alone.tracker, alone.tokens
+        verify = verifier({k: v for k, v in job.sampling.items() if k != "seed"}, alone.generator)
+    running = _Running(job, tracker, alone=alone.stats if alone is not None else None)
 
     def stopping(new: list[int]) -> bool:  # after each step: this step's text out, then the stop rule
         _push(running, new)
         return job.cancelled.is_set() or tracker.stopped
 
     try:
-        index = session.add(job.prompt_ids, max_new_tokens=job.max_tokens, eos=set(eos_token_ids(worker.target, None)),
-                            stopping=stopping, pool=worker.pool, verify=verifier(job.sampling))
+        index = session.add(job.prompt_ids + done, max_new_tokens=job.max_tokens - len(done),
+                            eos=set(eos_token_ids(worker.target, None)), stopping=stopping, pool=worker.pool,
+                            verify=verify)
     except OuroborosError as exc:  # a request the session refuses that the schema let through
         worker.record(job, None, tracker)
         job.emit("error", from_package_error(exc))
@@ -111,9 +166,20 @@ def _finish(worker, session: BatchSession, index: int, running: _Running) -> Non
         _fail_all(worker, {index: running}, row.error)
         return
     running.tracker.finish()
-    out = SimpleNamespace(stats=row.stats, finish_reason="length" if row.finish == "length" else "stop")
+    stats = row.stats if running.alone is None else _joined(running.alone, row.stats)
+    out = SimpleNamespace(stats=stats, finish_reason="length" if row.finish == "length" else "stop")
     finish = worker.record(running.job, out, running.tracker)
-    running.job.emit("done", Result(running.tracker.text, finish, len(row.prompt), row.stats.new_tokens))
+    running.job.emit("done", Result(running.tracker.text, finish, len(running.job.prompt_ids), stats.new_tokens))
+
+
+def _joined(alone: GenerationStats, batched: GenerationStats) -> GenerationStats:
+    """One job's stats from its lone part and its batched part."""
+    return replace(alone, new_tokens=alone.new_tokens + batched.new_tokens,
+                   target_forwards=alone.target_forwards + batched.target_forwards,
+                   draft_forwards=alone.draft_forwards + batched.draft_forwards,
+                   wall_time=alone.wall_time + batched.wall_time,
+                   accept_lengths=alone.accept_lengths + batched.accept_lengths,
+                   events=dict(Counter(alone.events) + Counter(batched.events)))
 
 
 def _fail_all(worker, rows: dict[int, _Running], exc: Exception) -> None:

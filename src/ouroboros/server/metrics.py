@@ -62,6 +62,8 @@ class Metrics:
     batch_steps: int = 0
     batch_rows: int = 0
     """--max-batch > 1: batched steps, and the rows they decoded (summed over steps)."""
+    handoffs: int = 0
+    """--max-batch > 1: requests that ran alone (the batch was empty) and joined it when others came."""
     first_token: Histogram = field(default_factory=lambda: Histogram(FIRST_TOKEN_BUCKETS))
     """Seconds from a request's arrival in the queue to its first generated token (queue wait and
     prefill included)."""
@@ -109,6 +111,9 @@ def render_metrics(m: Metrics, waiting: int, running: int) -> str:
     metric("requests_running", "gauge", "Requests being generated (up to --max-batch).", running)
     metric("batch_steps_total", "counter", "Batched decoding steps (--max-batch > 1).", m.batch_steps)
     metric("batch_rows_total", "counter", "Requests decoded by the batched steps, summed over steps.", m.batch_rows)
+    metric("batch_handoffs_total", "counter",
+           "Requests that started alone on the single-stream loop and joined the batch when others arrived.",
+           m.handoffs)
     metric("time_to_first_token_seconds", "histogram",
            "Seconds from a request's arrival to its first generated token (queue and prefill included).",
            m.first_token.samples())

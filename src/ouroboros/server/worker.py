@@ -267,24 +267,51 @@ class Worker:
         return None if self.pool_file is None else max(self._next_save - time.monotonic(), 0.0)
 
     def _run(self, job: Job) -> None:
-        tracker = TextTracker(self.decode, job.stop, (lambda text: job.emit("text", text)) if job.stream else None)
-        out = error = None
+        tracker = self.tracker(job)
+        self.conclude(job, tracker, *self.run_alone(job, tracker))
+
+    def tracker(self, job: Job) -> TextTracker:
+        """The job's text tracker, streaming to its client when it asked for a stream."""
+        return TextTracker(self.decode, job.stop, (lambda text: job.emit("text", text)) if job.stream else None)
+
+    def run_alone(self, job: Job, tracker: TextTracker, *, until=None, generator: torch.Generator | None = None):
+        """(`generate`'s output, None) for `job` alone, streamed through `tracker`, or (None, its
+        APIError). `until(new_ids)` True after a step ends it early; `generator` replaces the job's
+        seed as its random stream (so that whoever continues the job can continue the stream)."""
+        sampling = {k: v for k, v in job.sampling.items() if generator is None or k != "seed"}
         try:
             out = generate(self.target, torch.tensor([job.prompt_ids], device=self.target.device), draft=self.draft,
                            method=self.method, max_new_tokens=job.max_tokens, config=self.config,
                            pool=self.pool, streamer=tracker, costs=self.costs, engine=self.engine,
-                           stopping=lambda new_ids: job.cancelled.is_set() or tracker.stopped, **job.sampling)
-            tracker.finish()
+                           generator=generator, **sampling,
+                           stopping=lambda new_ids: (job.cancelled.is_set() or tracker.stopped
+                                                     or (until is not None and until(new_ids))))
+            return out, None
         except OuroborosError as exc:  # a request `generate` refuses that the schema let through
-            error = from_package_error(exc)
+            return None, from_package_error(exc)
         except Exception:  # a bug or an exhausted machine must fail this request, not the server
             log.exception("generation failed (request id %s)", job.id)
-            error = internal_error(job.id)
+            return None, internal_error(job.id)
+
+    def conclude(self, job: Job, tracker: TextTracker, out, error) -> None:
+        """Count the job and send its end: the final text and usage, or its error."""
+        if out is not None:
+            tracker.finish()
         finish = self.record(job, out, tracker)
         if out is None:
             job.emit("error", error)
         else:
             job.emit("done", Result(tracker.text, finish, len(job.prompt_ids), out.stats.new_tokens))
+
+    def handed_over(self) -> None:
+        """A job that ran alone joined the batch (counted in /metrics)."""
+        with self._cond:
+            self.metrics.handoffs += 1
+
+    def others_waiting(self) -> bool:
+        """Whether a request waits for the worker (or the server is closing)."""
+        with self._cond:
+            return bool(self._waiting) or self._closing
 
     def record(self, job: Job, out, tracker: TextTracker) -> str:
         """Count the finished job in the metrics, mark it finished, and return its finish reason."""
