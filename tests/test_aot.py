@@ -167,12 +167,12 @@ def test_the_default_path_stays_eager_where_building_could_run_out_of_memory(mon
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     model = tiny_model("llama", seed=25, vocab=VOCAB).to(torch.bfloat16)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    monkeypatch.setattr(aot, "_available_memory", lambda: 4 * weights)
+    monkeypatch.setattr(aot, "available_memory", lambda: 4 * weights)
     with pytest.warns(UserWarning, match="LlamaForCausalLM runs eagerly: building its compiled package needs"):
         assert "GB of free memory" in compile_not_worth(model)
-    monkeypatch.setattr(aot, "_available_memory", lambda: 6 * weights)
+    monkeypatch.setattr(aot, "available_memory", lambda: 6 * weights)
     assert compile_not_worth(model) is None
-    monkeypatch.setattr(aot, "_available_memory", lambda: None)  # not Linux: nothing to go by
+    monkeypatch.setattr(aot, "available_memory", lambda: None)  # not Linux: nothing to go by
     assert compile_not_worth(model) is None
 
 

@@ -30,7 +30,9 @@ from server_helpers import (  # noqa: E402
 
 from ouroboros import InvalidArgumentError, generate  # noqa: E402
 from ouroboros.batch_session import BatchSession  # noqa: E402
+from ouroboros.model_facts import kv_bytes_per_token  # noqa: E402
 from ouroboros.server import create_app  # noqa: E402
+from ouroboros.server.worker import KV_SLACK  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +226,21 @@ def test_a_request_alone_runs_the_single_stream_loop_then_joins_the_batch_exactl
     for prompt in PROMPTS[2:4]:
         assert first_then_rest(prompt, **sampled) == alone[prompt]
     assert metrics(url)["ouroboros_batch_handoffs_total"] - before["ouroboros_batch_handoffs_total"] == 3
+
+
+def test_requests_wait_for_kv_memory_and_one_that_never_fits_is_refused():
+    """--kv-memory for two rows of these requests: four sent together run at most two at a time (the
+    others wait in the queue, first come first served), each answer still exact; a request whose
+    prompt and max_tokens alone need more is refused with a 400 that says so."""
+    target, draft = make_pair(eos=None, arch="llama", seed=5)
+    prompts = [p for p in PROMPTS if len(TOKENIZER(p).input_ids) <= 8][:4]
+    row = (8 + 12 + KV_SLACK) * (kv_bytes_per_token(target) + kv_bytes_per_token(draft))
+    with serving(create_app(target, draft, TOKENIZER, model_name=MODEL, max_batch=4, kv_memory=2 * row)) as url:
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda p: client(url).completions.create(model=MODEL, prompt=p, max_tokens=12)
+                                  .choices[0].text, prompts))
+        assert texts == [decode(hf_greedy(target, TOKENIZER(p).input_ids, 12)) for p in prompts]
+        m = metrics(url)
+        assert 0 < m["ouroboros_batch_rows_total"] <= 2 * m["ouroboros_batch_steps_total"]
+        with pytest.raises(openai.BadRequestError, match="--kv-memory"):
+            client(url).completions.create(model=MODEL, prompt=prompts[0], max_tokens=400)

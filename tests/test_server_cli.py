@@ -76,14 +76,15 @@ def test_cli_banner_says_where_what_and_how(pair_dirs):
     target, draft = pair_dirs
     argv = [sys.executable, "-m", "ouroboros.cli", "serve", "--target", str(target), "--draft", str(draft), "--dtype",
             "float32", "--port", "0", "--method", "speculative", "--max-queue", "5", "--api-key", "k3y",
-            "--log-level", "warning"]
+            "--log-level", "warning", "--kv-memory", "0.5"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         try:
-            banner = "".join(process.stdout.readline() for _ in range(6))
+            banner = "".join(process.stdout.readline() for _ in range(7))
             assert banner.startswith("ouroboros serve: http://127.0.0.1:"), banner
             assert "model id: target" in banner and "method:   speculative" in banner
             assert "API key:  required" in banner and "up to 5 waiting" in banner
             assert "warm-up:  one short generation first" in banner  # float32: no fast path to compile
+            assert "KV cache: 0.5 GiB for the running requests' keys and values (--kv-memory)" in banner
             url = banner.split()[2].removesuffix("/v1")
             health = httpx.get(url + "/health", timeout=30)  # bound before the banner: no retry
             assert health.status_code == 200 or health.json()["status"] == "warming up"
@@ -104,6 +105,8 @@ def test_cli_banner_says_where_what_and_how(pair_dirs):
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--default-max-tokens", "0"], "--default-max-tokens must be >= 1"),
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--kv-memory", "0"], "--kv-memory must be a number of GiB > 0"),
     (["--method", "speculative"], "--method speculative needs a draft model"),
 ])
 def test_cli_refuses_bad_serve_settings_before_loading(argv, message, capsys):

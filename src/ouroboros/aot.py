@@ -40,7 +40,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from .aot_constants import DATA, INDEX, load_constants, save_constants
-from .model_facts import cache_argument, identity_digest
+from .model_facts import available_memory, cache_argument, identity_digest
 from .runner import attention_windows
 
 FORMAT = "ouroboros-aot/5"
@@ -86,23 +86,11 @@ def build_memory_shortfall(model) -> str | None:
     """Why building `model`'s package now could exhaust this machine's memory, or None (also where
     free memory cannot be read): the default path (`fast=None`) then stays eager instead."""
     need = BUILD_MEMORY_FACTOR * sum(p.numel() * p.element_size() for p in model.parameters())
-    available = _available_memory()
+    available = available_memory()
     if available is None or available >= need:
         return None
     return (f"building its compiled package needs about {need / 1e9:.1f} GB of free memory, "
             f"{available / 1e9:.1f} GB are available (give --fast to build it anyway)")
-
-
-def _available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (Linux's MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def package_key(model) -> dict:

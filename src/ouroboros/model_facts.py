@@ -87,3 +87,23 @@ def _as_list(ids) -> list:
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
     return [ids] if isinstance(ids, int) else list(ids)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token's keys and values take in `model`'s KV cache: every layer, in its dtype."""
+    config = text_config(model)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).dtype.itemsize
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -83,14 +83,16 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                pool_save_interval: float = 300.0, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                max_queue: int = DEFAULT_MAX_QUEUE, fast: bool | None = None, warm_up: bool = True,
-               on_ready: Callable[[float], None] | None = None, max_batch: int = 1) -> FastAPI:
+               on_ready: Callable[[float], None] | None = None, max_batch: int = 1,
+               kv_memory: float | None = None) -> FastAPI:
     """The FastAPI app serving `target` (with `draft`); `method` defaults to `ouroboros serve`'s, so
     an app built in Python serves what the command does. Raises the package's errors (ValueError
     subclasses) for bad settings or an unusable pool file, before anything is served. The worker
     starts and stops with the app's lifespan; with `warm_up` it first runs one short generation
     (compiling the fast path), /health answering 503 "warming up" until then, and calls
     `on_ready(seconds)` when done. Requests that come meanwhile wait in the queue; up to `max_batch`
-    of them are decoded together, joining and leaving at any step (`batching`)."""
+    of them are decoded together, joining and leaving at any step (`batching`), as many as fit
+    `kv_memory` bytes of keys and values (default: half the memory available now; `Worker.kv_need`)."""
     config = OuroborosConfig() if config is None else config
     spec = get_method(method)
     if pool_mode not in POOL_MODES:
@@ -121,7 +123,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
                     save_interval=pool_save_interval, max_queue=max_queue, warm_up=warm_up, on_ready=on_ready,
-                    max_batch=max_batch)
+                    max_batch=max_batch, kv_memory=kv_memory)
     limits = [limit for limit in map(context_length, [target, draft] if uses_draft else [target])
               if limit is not None]
     settings = _Settings(name, api_key.encode() if api_key is not None else None, max_body_bytes,

@@ -22,6 +22,7 @@ from ..errors import InvalidArgumentError
 from ..methods import METHODS, get_method
 from ..static_runner import fast_path_blocker
 from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, POOL_MODES, create_app
+from .worker import GIB
 
 API_KEY_ENV = "OUROBOROS_API_KEY"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -51,6 +52,10 @@ def add_serve_parser(subparsers) -> None:
     serve.add_argument("--max-batch", type=int, default=1,
                        help="requests decoded together, joining and leaving the batch at any step (continuous "
                             "batching; default 1: one at a time)")
+    serve.add_argument("--kv-memory", type=float, default=None, metavar="GB",
+                       help="GiB of keys and values the running requests may reserve together (their prompts plus "
+                            "max_tokens in both models' caches); a request that does not fit waits, one that "
+                            "never fits gets 400 (default: half the memory available once the models are loaded)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(serve)
     add_config_arguments(serve)
@@ -70,6 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
     check_minimums(("--max-queue", args.max_queue, 0), ("--default-max-tokens", args.default_max_tokens, 1),
                    ("--max-batch", args.max_batch, 1))
+    if args.kv_memory is not None and not args.kv_memory > 0:
+        raise InvalidArgumentError(f"--kv-memory must be a number of GiB > 0, got {args.kv_memory}")
     if args.pool_file is not None and args.pool_mode != "shared":
         raise InvalidArgumentError("--pool-file needs --pool shared: a per-request pool is never kept")
     check_model_arguments(args, needs_draft=get_method(args.method).needs_draft, what=f"--method {args.method}")
@@ -80,11 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      pool_file=args.pool_file, pool_save_interval=args.pool_save_interval, api_key=api_key,
                      model_name=args.model_name, default_max_tokens=args.default_max_tokens,
                      max_queue=args.max_queue, fast=fast_from_args(args), on_ready=_say_ready,
-                     max_batch=args.max_batch)
+                     max_batch=args.max_batch, kv_memory=args.kv_memory * GIB if args.kv_memory else None)
     sock = _listen(args.host, args.port)
     compiles = fast_path_blocker(target, fast_from_args(args)) is None
     print(banner(f"http://{_url_host(args.host)}:{sock.getsockname()[1]}", app.state.model_name, args.method,
-                 api_key is not None, args.max_queue, compiles, args.max_batch), flush=True)
+                 api_key is not None, args.max_queue, compiles, args.max_batch, app.state.worker.kv_memory,
+                 app.state.worker.kv_per_token), flush=True)
     if api_key is None and args.host not in LOCAL_HOSTS:
         print(f"ouroboros serve: warning: listening on {args.host} without an API key: anyone who can reach "
               f"this port can use the models (set {API_KEY_ENV} or --api-key)", file=sys.stderr)
@@ -102,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def banner(url: str, model: str, method: str, key_required: bool, max_queue: int, compiles: bool = False,
-           max_batch: int = 1) -> str:
+           max_batch: int = 1, kv_memory: int | None = None, kv_per_token: int | None = None) -> str:
     """What a user needs to connect: where, which model id to send, how it decodes, whether a key is
     needed, and that a warm-up runs first."""
     key = f"required (Authorization: Bearer ..., from --api-key or ${API_KEY_ENV})" if key_required else "none"
@@ -115,6 +123,9 @@ def banner(url: str, model: str, method: str, key_required: bool, max_queue: int
         f"  API key:  {key}",
         f"  queue:    {max_batch} running together + up to {max_queue} waiting, then 503 with Retry-After"
         if max_batch > 1 else f"  queue:    1 running + up to {max_queue} waiting, then 503 with Retry-After",
+        *([f"  KV cache: {kv_memory / GIB:.1f} GiB for the running requests' keys and values (--kv-memory), "
+           f"{kv_memory // kv_per_token} tokens at {kv_per_token // 1024} KiB each"] if kv_memory and kv_per_token
+          else []),
         f"  warm-up:  {warm_up}; /health answers 503 \"warming up\" until ready, requests wait",
     ])
 

@@ -27,6 +27,7 @@ from ..engine import Engine
 from ..errors import ConfigError, InvalidArgumentError, OuroborosError
 from ..generation import generate
 from ..methods import get_method
+from ..model_facts import available_memory, kv_bytes_per_token
 from ..pool import PhrasePool
 from .batching import run_batched
 from .metrics import Metrics
@@ -38,6 +39,22 @@ log = logging.getLogger("ouroboros.server")
 WARM_UP_TEXT = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
 WARM_UP_TOKENS = 32
 """The warm-up generations' length: enough steps for every forward shape a request meets to run once."""
+
+
+KV_SLACK = 256
+"""Slots a row may take past its prompt and max_tokens: its widest step's draft tree and the batch
+runner's buffer growth step (`batch_runner.CAPACITY_STEP`)."""
+KV_SHARE = 0.5
+"""The default `--kv-memory`: this share of the memory still available once the models are loaded."""
+GIB = 1024 ** 3
+
+
+def default_kv_memory(model) -> int:
+    """`KV_SHARE` of the memory the model's device still has (CUDA's free memory; MemAvailable on a
+    CPU), or 4 GiB where that is unknown."""
+    device = next(model.parameters()).device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    return int(KV_SHARE * free) if free else 4 * GIB
 
 
 class Job:
@@ -74,7 +91,8 @@ class Worker:
 
     def __init__(self, target, draft, tokenizer, *, method: str, config: OuroborosConfig, pool: PhrasePool | None,
                  pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int,
-                 fast: bool | None = None, warm_up: bool = True, on_ready=None, max_batch: int = 1):
+                 fast: bool | None = None, warm_up: bool = True, on_ready=None, max_batch: int = 1,
+                 kv_memory: float | None = None):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.warm_up = warm_up
         self.ready = threading.Event()
@@ -89,6 +107,13 @@ class Worker:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_ROWS:
             raise InvalidArgumentError(f"max_batch must be an int in 1..{MAX_ROWS}, got {max_batch!r}")
         self.max_batch = max_batch  # requests decoded together (`batching`); 1: one at a time
+        if kv_memory is not None and (isinstance(kv_memory, bool) or not isinstance(kv_memory, (int, float))
+                                      or not kv_memory > 0):
+            raise InvalidArgumentError(f"kv_memory must be a number of bytes > 0, got {kv_memory!r}")
+        self.kv_memory = int(kv_memory) if kv_memory is not None else default_kv_memory(target)
+        """Bytes of keys and values the running requests may reserve together (`kv_need`)."""
+        uses_draft = draft is not None and get_method(method).takes_draft
+        self.kv_per_token = kv_bytes_per_token(target) + (kv_bytes_per_token(draft) if uses_draft else 0)
         self.engine = Engine(target, draft, fast=fast)
         """The pair's runners and cost tables (`ouroboros.engine`), shared by every request."""
         # auto's costs are measured (or read from the cache) now, not on the first request
@@ -118,15 +143,27 @@ class Worker:
             return len(self._waiting), len(self._running)
 
     def next_jobs(self, room: int, idle: bool) -> list[Job] | None:
-        """Up to `room` waiting jobs in arrival order (awaited while `idle`); None once closing."""
+        """Up to `room` waiting jobs in arrival order, as many as fit `kv_memory` beside the running ones
+        (a first one that does not fit waits, and so do the ones behind it: first come, first served);
+        awaited while `idle`; None once closing."""
         with self._cond:
             if idle and not self._waiting and not self._closing:
                 self._cond.wait(self.seconds_to_save())
             if self._closing:
                 return None
-            jobs = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            jobs = []
+            while (self._waiting and len(jobs) < room
+                   and self.kv_need(self._running + jobs + [self._waiting[0]]) <= self.kv_memory):
+                jobs.append(self._waiting.popleft())
             self._running += jobs
             return jobs
+
+    def kv_need(self, jobs: list[Job]) -> int:
+        """Bytes of keys and values `jobs` reserve decoded together: every row is as long as the
+        longest one's prompt, max_tokens and `KV_SLACK` (the batch's buffers are [rows, heads, slots,
+        dim] in both models), so a request waits rather than outgrow the memory mid-way."""
+        longest = max(len(job.prompt_ids) + job.max_tokens for job in jobs) + KV_SLACK
+        return len(jobs) * longest * self.kv_per_token
 
     def stepped(self, jobs: list[Job], rows: int) -> None:
         """After a batched step of `rows` rows (0: none ran): the jobs now running, and the counters."""
@@ -145,6 +182,12 @@ class Worker:
                 raise APIError(503, f"the server is busy: {len(self._waiting)} requests are already waiting "
                                     f"(--max-queue {self.max_queue}); retry later", type="server_error",
                                code="queue_full", headers={"Retry-After": str(self._retry_after())})
+            need = self.kv_need([job])
+            if need > self.kv_memory:
+                raise APIError(400, f"the prompt ({len(job.prompt_ids)} tokens) and max_tokens ({job.max_tokens}) "
+                                    f"need {need / GIB:.2f} GiB of KV cache, over this server's "
+                                    f"{self.kv_memory / GIB:.2f} GiB (--kv-memory): lower max_tokens or shorten "
+                                    "the prompt", param="max_tokens")
             self._waiting.append(job)
             self.metrics.requests[endpoint] += 1
             self._cond.notify()
