@@ -8,7 +8,7 @@ AOTInductor package of the same frozen forward is built once instead and loaded 
 in under a second (0.2-0.7 s for the built-in pair, BENCHMARKS.md session 8), running at the same
 speed, its logits bit-identical to the in-process graph's.
 
-One package per model serves every forward of 1..`MAX_ROWS` rows, 1..`MAX_TOKENS` new tokens and
+One package per model serves every forward of 1..`MAX_ROWS` rows, 2..`MAX_TOKENS` new tokens and
 every cache capacity (the three dimensions are dynamic): the single-stream and the batch runners.
 The KV cache is passed in as inputs that the package writes in place, so the runner keeps its
 buffers (rewinding, compacting, growing the cache work as on the static runner). Freezing folds the
@@ -43,10 +43,8 @@ from .aot_constants import DATA, INDEX, load_constants, save_constants
 from .model_facts import available_memory, cache_argument, identity_digest
 from .runner import attention_windows
 
-FORMAT = "ouroboros-aot/6"
-MIN_TOKENS = 1
-"""Down to one new token per row: a batch decoding plainly feeds each row one token, and padding every
-row to two (format 5) doubled the tokens a compute-bound batched forward multiplies."""
+FORMAT = "ouroboros-aot/5"
+MIN_TOKENS = 2
 MAX_TOKENS = 1024
 """New tokens per compiled forward: a prompt up to this long is prefilled by the package too."""
 MIN_CAPACITY = 16
