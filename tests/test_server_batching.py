@@ -28,11 +28,13 @@ from server_helpers import (  # noqa: E402
     wait_for,
 )
 
+import ouroboros.request as request_module  # noqa: E402
 from ouroboros import InvalidArgumentError, generate  # noqa: E402
+from ouroboros.acceptance import Sampler  # noqa: E402
 from ouroboros.batch_session import BatchSession  # noqa: E402
 from ouroboros.model_facts import kv_bytes_per_token  # noqa: E402
 from ouroboros.server import create_app  # noqa: E402
-from ouroboros.server.worker import KV_SLACK  # noqa: E402
+from ouroboros.server.kv_budget import KV_SLACK  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +140,25 @@ def test_max_batch_must_be_a_row_count(max_batch):
         create_app(target, draft, TOKENIZER, model_name=MODEL, max_batch=max_batch)
 
 
+FAILING_TEMPERATURE = 1.234
+
+
 def test_sixteen_clients_with_leavers_bad_requests_and_failures_inside_generation(batched, monkeypatch):
     """16 concurrent clients: 6 ordinary requests, 4 that leave mid-stream, 4 bad requests and 2 whose
-    generation fails inside the batch (NaN logits in their own verification). Every ordinary answer
+    generation fails (NaN logits in their own sampling, alone or in the batch). Every ordinary answer
     equals the request alone; each failure gets its own 500 while the rows beside it go on; the
     counters add up (accepted = finished + aborted + failed; bad requests rejected, never queued)."""
     url, target = batched
-    real_add = BatchSession.add
 
-    def add(self, prompt, *, verify, **kwargs):  # a marked prompt's logits turn NaN: its sampler refuses them
-        if TOKENIZER.decode(prompt).startswith("FAIL"):
-            verify = (lambda sampler: lambda tree, logits: sampler(tree, torch.full_like(logits, float("nan"))))(verify)
-        return real_add(self, prompt, verify=verify, **kwargs)
+    class PoisonedSampler(Sampler):  # a failing request's logits turn NaN, alone or in the batch
+        def __init__(self, temperature=1.0, *args, **kwargs):
+            super().__init__(temperature, *args, **kwargs)
+            self.poisoned = temperature == FAILING_TEMPERATURE
 
-    monkeypatch.setattr(BatchSession, "add", add)
+        def verify(self, tree, logits):
+            return super().verify(tree, torch.full_like(logits, float("nan")) if self.poisoned else logits)
+
+    monkeypatch.setattr(request_module, "Sampler", PoisonedSampler)
     lengths = {p: 6 + 2 * i for i, p in enumerate(PROMPTS[:6])}
     expected = {p: decode(hf_greedy(target, TOKENIZER(p).input_ids, lengths[p])) for p in lengths}
     bad = [dict(prompt="Hi", max_tokens=0), dict(prompt="Hi", max_tokens=4, temperature=-1.0),
@@ -172,7 +179,7 @@ def test_sixteen_clients_with_leavers_bad_requests_and_failures_inside_generatio
 
     def failing(prompt):
         with pytest.raises(openai.InternalServerError, match="internal error") as caught:
-            client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, seed=1)
+            client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=FAILING_TEMPERATURE)
         return caught.value.status_code
 
     def refused(body):
@@ -201,6 +208,7 @@ def test_sixteen_clients_with_leavers_bad_requests_and_failures_inside_generatio
     ttft = "ouroboros_time_to_first_token_seconds"
     assert m[f"{ttft}_count"] - before[f"{ttft}_count"] == 10  # the ordinary requests and the leavers, not the failures
     assert m[f'{ttft}_bucket{{le="+Inf"}}'] == m[f"{ttft}_count"] and m[f"{ttft}_sum"] > before[f"{ttft}_sum"]
+    assert failing("FAIL alone") == 500  # alone on the single-stream loop, its own failure is its own 500 too
 
 
 def test_a_request_alone_runs_the_single_stream_loop_then_joins_the_batch_exactly(batched):

@@ -22,7 +22,7 @@ from ..errors import InvalidArgumentError
 from ..methods import METHODS, get_method
 from ..static_runner import fast_path_blocker
 from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, POOL_MODES, create_app
-from .worker import GIB
+from .kv_budget import GIB
 
 API_KEY_ENV = "OUROBOROS_API_KEY"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

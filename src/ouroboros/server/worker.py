@@ -27,9 +27,10 @@ from ..engine import Engine
 from ..errors import ConfigError, InvalidArgumentError, OuroborosError
 from ..generation import generate
 from ..methods import get_method
-from ..model_facts import available_memory, kv_bytes_per_token
+from ..model_facts import kv_bytes_per_token
 from ..pool import PhrasePool
 from .batching import run_batched
+from .kv_budget import GIB, default_kv_memory, reserved
 from .metrics import Metrics
 from .schema import APIError, from_package_error, internal_error
 from .text import Result, TextTracker
@@ -39,22 +40,6 @@ log = logging.getLogger("ouroboros.server")
 WARM_UP_TEXT = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
 WARM_UP_TOKENS = 32
 """The warm-up generations' length: enough steps for every forward shape a request meets to run once."""
-
-
-KV_SLACK = 256
-"""Slots a row may take past its prompt and max_tokens: its widest step's draft tree and the batch
-runner's buffer growth step (`batch_runner.CAPACITY_STEP`)."""
-KV_SHARE = 0.5
-"""The default `--kv-memory`: this share of the memory still available once the models are loaded."""
-GIB = 1024 ** 3
-
-
-def default_kv_memory(model) -> int:
-    """`KV_SHARE` of the memory the model's device still has (CUDA's free memory; MemAvailable on a
-    CPU), or 4 GiB where that is unknown."""
-    device = next(model.parameters()).device
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
-    return int(KV_SHARE * free) if free else 4 * GIB
 
 
 class Job:
@@ -159,11 +144,8 @@ class Worker:
             return jobs
 
     def kv_need(self, jobs: list[Job]) -> int:
-        """Bytes of keys and values `jobs` reserve decoded together: every row is as long as the
-        longest one's prompt, max_tokens and `KV_SLACK` (the batch's buffers are [rows, heads, slots,
-        dim] in both models), so a request waits rather than outgrow the memory mid-way."""
-        longest = max(len(job.prompt_ids) + job.max_tokens for job in jobs) + KV_SLACK
-        return len(jobs) * longest * self.kv_per_token
+        """Bytes of keys and values `jobs` reserve decoded together (`kv_budget.reserved`)."""
+        return reserved([(len(job.prompt_ids), job.max_tokens) for job in jobs], self.kv_per_token)
 
     def stepped(self, jobs: list[Job], rows: int) -> None:
         """After a batched step of `rows` rows (0: none ran): the jobs now running, and the counters."""
