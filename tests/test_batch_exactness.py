@@ -11,7 +11,7 @@ import torch
 from tiny_models import perturbed, tiny_family_model, tiny_model
 
 import ouroboros.aot as aot
-from ouroboros import METHODS, PhrasePool, batch_runner, generate
+from ouroboros import METHODS, PhrasePool, batch_runner, batch_session, generate
 from ouroboros.acceptance import greedy_verify
 from ouroboros.batch_generation import BatchGenerationOutput, generate_batch
 from ouroboros.batch_runner import CAPACITY_STEP, make_batch_runner
@@ -220,6 +220,33 @@ def test_a_row_failing_inside_propose_raises_without_hanging(models, row, fail_a
     assert not caller.is_alive(), "generate_batch hung after a row failed"
     assert len(outcome) == 1 and isinstance(outcome[0], Boom), outcome
     assert not [t for t in threading.enumerate() if t.name.startswith("draft-row")]
+
+
+@pytest.mark.parametrize("kind", ["eager", "packaged"])
+def test_a_long_joining_prompt_is_fed_in_chunks_between_the_others_steps(models, request, kind, monkeypatch):
+    """While rows decode, a joining prompt is fed PREFILL_CHUNK tokens a step (target and draft), and
+    the others emit a token every step meanwhile; every row is exactly its solo output."""
+    if kind == "packaged":
+        request.getfixturevalue("packaged")
+    monkeypatch.setattr(batch_session, "PREFILL_CHUNK", 8)
+    target, draft = models["target"], models["perturbed"]
+    long = prompt(11, 40)
+    with BatchSession(target, draft, method="ouroboros", fast=kind == "packaged", size_by_load=False) as session:
+        first = [session.add(PROMPTS[i], max_new_tokens=60) for i in (0, 2)]  # 3 and 8 tokens: not chunked
+        session.step()
+        joined = session.add(long, max_new_tokens=16)
+        fed, drafted = [], []
+        while not session.rows[joined].new_tokens:
+            before = [len(session.rows[row].new_tokens) for row in first]
+            session.step()
+            fed.append(len(session.runner.tokens[joined]))
+            drafted.append(len(session.drafts.runner.tokens[joined]))
+            assert all(len(session.rows[row].new_tokens) > n for row, n in zip(first, before))
+        assert fed[:4] == drafted[:4] == [8, 16, 24, 32] and len(fed) == 5  # 39 before its root: 4 chunks
+        while session.active:
+            session.step()
+    for row, tokens, n in ((first[0], PROMPTS[0], 60), (first[1], PROMPTS[2], 60), (joined, long, 16)):
+        assert session.rows[row].new_tokens == hf_greedy(target, tokens, n), row
 
 
 @pytest.mark.parametrize("at_keep", [False, True])

@@ -6,6 +6,7 @@ are exactly what `generate` gives it alone, whatever joins or leaves around it. 
 batched too (`DraftBatch`), and each step's draft is sized to the batch's load (`batch_sizing`). In a
 batch, `method="auto"` is that sizing over ouroboros's proposals (prompt lookup's without a draft
 model): per step it picks, from measured costs, how much to speculate, down to plain decoding.
+A joining prompt longer than `PREFILL_CHUNK` is fed a chunk per step while the other rows decode.
 Memory: each row holds its own slots in the target's and draft's caches (its prompt and new tokens,
 plus the widest step's), freed when it leaves; a caller bounds it by how many rows it adds.
 """
@@ -31,6 +32,14 @@ from .request import GenerationStats, emit, validate
 from .tree import DraftTree
 
 __all__ = ["BatchSession", "SessionRow"]
+
+PREFILL_CHUNK = 256
+"""Prompt tokens a joining row feeds per step while other rows decode (`BatchSession._prompt_chunks`):
+the running rows wait for one chunk a step, not for the whole prompt. The built-in pair's compiled
+prefill on 2 AVX-512 cores (the cost tables of BENCHMARKS.md session 10): target 366 ms for 64
+tokens and 1971 ms for 512, draft 145 and 690 ms: a chunk of 256 holds the others about 1.3 s a step
+(interpolated), and a token costs more prefilled 256 at a time than 512 (3.9 ms a token at 512, 5.7 at
+64), a price the chunked prompt's own first token pays."""
 
 
 @dataclass
@@ -122,12 +131,19 @@ class BatchSession:
         rows that ended in it. A row whose own work raises ends with "error" (see `SessionRow.error`)
         and the others go on; a failing batched forward raises."""
         rows = [self.rows[i] for i in self.active]
+        chunks = self._prompt_chunks(rows)
+        rows = [row for row in rows if row.index not in chunks]
         ended = []
         with torch.inference_mode():
             proposals, drafts, errors = self._propose(rows)
             rows = [row for row in rows if row.index not in errors]
-            logits = self.runner.forward({row.index: (self.runner.rewind(row.index, row.context.tokens),
-                                                      proposals[row.index].tree) for row in rows})
+            steps = {row.index: (self.runner.rewind(row.index, row.context.tokens), proposals[row.index].tree)
+                     for row in rows}
+            logits = self.runner.forward({**steps, **{index: (chunk, DraftTree(max_depth=0))
+                                                      for index, chunk in chunks.items()}})
+            for index in chunks:
+                self.runner.keep(index, [])
+            self._feed_draft(chunks)
             for row in rows:
                 try:
                     if self._verify(row, proposals[row.index], logits[row.index], drafts):
@@ -140,6 +156,28 @@ class BatchSession:
         ended += list(errors)
         self._leave(ended)
         return ended
+
+    def _prompt_chunks(self, rows: list[SessionRow]) -> dict[int, list[int]]:
+        """The next `PREFILL_CHUNK` prompt tokens of each row with more than that left to feed, while
+        other rows decode: those rows step between its chunks instead of waiting for its whole prefill
+        (a row's last prompt token is always left for its first decoding step)."""
+        unfed = {row.index: row.prompt[len(self.runner.tokens[row.index]):-1] for row in rows}
+        chunks = {index: tokens[:PREFILL_CHUNK] for index, tokens in unfed.items() if len(tokens) > PREFILL_CHUNK}
+        return chunks if len(chunks) < len(rows) else {}
+
+    def _feed_draft(self, chunks: dict[int, list[int]]) -> None:
+        """The same prompt chunks into the draft model's cache, in one forward, so that a row's first
+        draft does not prefill its whole prompt either."""
+        if self.drafts is None or not chunks:
+            return
+        runner = self.drafts.runner
+        fed = {index: self.rows[index].prompt[len(runner.tokens[index]):len(self.runner.tokens[index])]
+               for index in chunks}
+        fed = {index: tokens for index, tokens in fed.items() if tokens}
+        if fed:
+            runner.forward({index: (tokens, DraftTree(max_depth=0)) for index, tokens in fed.items()})
+            for index in fed:
+                runner.keep(index, [])
 
     def _propose(self, rows: list[SessionRow]) -> tuple[dict[int, Proposal], bool | None, dict[int, Exception]]:
         """(each row's proposal, whether the draft model could draft them, the rows whose proposer
