@@ -26,6 +26,7 @@ from ouroboros.default_pair import (
     default_cache_dir,
     default_pair_dirs,
     default_pair_installed,
+    gguf_file,
 )
 from ouroboros.loading import load_default_pair
 
@@ -148,6 +149,17 @@ def test_locating_runs_no_package_code(pair, tmp_path):
     default_pair_dirs(tmp_path / "cache", progress=False, spec=pair, converter=RecordingConverter())
     assert list((tmp_path / "site").glob("ran-*")) == []
     assert modules.isdisjoint(sys.modules)
+
+
+def test_the_gguf_file_is_joined_for_peers_that_read_gguf(pair, tmp_path):
+    """llama.cpp reads the published GGUF itself: `gguf_file` joins it, checked, from the same parts."""
+    out = gguf_file("draft", tmp_path / "draft.gguf", progress=False, spec=pair)
+    assert out.read_bytes() == b"D1" * 500 + b"D2" * 7
+    data = bytearray(_file(tmp_path, pair.target.parts[0]).read_bytes())
+    data[0] ^= 0xFF
+    _file(tmp_path, pair.target.parts[0]).write_bytes(bytes(data))
+    with pytest.raises(DefaultPairUnavailable, match="Fake-target"):
+        gguf_file("target", tmp_path / "target.gguf", progress=False, spec=pair)
 
 
 def test_tampered_part_is_refused_naming_it(pair, tmp_path):

