@@ -82,12 +82,13 @@ class DraftBatch:
                 while live:
                     for row in live:
                         self._resume(row)
-                    live = [row for row in live if row not in self._ended]
-                    for row, (_, error) in self._ended.items():
+                    for row in (row for row in live if row in self._ended):  # the rows that ended this round
+                        error = self._ended[row][1]
                         if error is not None and not isinstance(error, Exception):  # an interrupt: stop all
                             raise error
                         if error is not None:
                             self.runner.abandon(row)
+                    live = [row for row in live if row not in self._ended]
                     if live:
                         self._forward(live)
             finally:

@@ -170,14 +170,11 @@ class BatchSession:
         draft does not prefill its whole prompt either."""
         if self.drafts is None or not chunks:
             return
-        runner = self.drafts.runner
-        fed = {index: self.rows[index].prompt[len(runner.tokens[index]):len(self.runner.tokens[index])]
-               for index in chunks}
-        fed = {index: tokens for index, tokens in fed.items() if tokens}
-        if fed:
-            runner.forward({index: (tokens, DraftTree(max_depth=0)) for index, tokens in fed.items()})
-            for index in fed:
-                runner.keep(index, [])
+        runner = self.drafts.runner  # a chunked row has not drafted yet: its draft cache is behind the target's
+        runner.forward({index: (self.rows[index].prompt[len(runner.tokens[index]):len(self.runner.tokens[index])],
+                                DraftTree(max_depth=0)) for index in chunks})
+        for index in chunks:
+            runner.keep(index, [])
 
     def _propose(self, rows: list[SessionRow]) -> tuple[dict[int, Proposal], bool | None, dict[int, Exception]]:
         """(each row's proposal, whether the draft model could draft them, the rows whose proposer

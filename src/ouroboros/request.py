@@ -104,12 +104,18 @@ def make_verifier(do_sample, temperature, top_k, top_p, min_p, seed, generator):
         warnings.warn("do_sample=True with temperature=0: temperature 0 wins, decoding greedily", stacklevel=3)
         return greedy_verify
     if generator is None:
-        generator = torch.Generator()
-        if seed is not None:
-            generator.manual_seed(seed)
-        else:
-            generator.seed()
+        generator = seeded_generator(seed)
     return Sampler(temperature, top_k, top_p, min_p, generator).verify
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """The CPU generator a sampler draws from: seeded with `seed`, or from the OS when None."""
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
 
 
 def validate(target, input_ids, draft, method, max_new_tokens, config, pool) -> list[int]:

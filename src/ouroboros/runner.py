@@ -253,9 +253,11 @@ class Runner(ModelAccess):
         """Drop cached tokens after the longest prefix shared with `sequence`, short of its last
         token (the root, whose logits the next forward needs, even when a draft ran ahead); return
         the pending rest."""
-        del self.tokens[reusable_prefix(self.tokens, sequence):]
-        self._truncate(len(self.tokens))
-        return list(sequence[len(self.tokens):])
+        common = reusable_prefix(self.tokens, sequence)
+        if common < len(self.tokens):
+            del self.tokens[common:]
+            self._truncate(common)
+        return list(sequence[common:])
 
     def _truncate(self, length: int) -> None:
         """Free the cache past `length` slots, where the cache is one that can shrink."""

@@ -23,7 +23,7 @@ import torch
 from ..batch_session import BatchSession
 from ..errors import OuroborosError
 from ..model_facts import eos_token_ids
-from ..request import GenerationStats
+from ..request import GenerationStats, seeded_generator
 from .schema import from_package_error, internal_error, verifier
 from .text import Result, TextTracker
 
@@ -102,30 +102,21 @@ def _start_alone(worker, session: BatchSession, rows: dict[int, _Running], job) 
     """A request that finds the batch empty runs the single-stream loop, as fast as `--max-batch 1`,
     until another request waits; then it joins the batch where it stands (its tokens so far extend
     its row's prompt, its random stream goes on), so its output is what it would be alone."""
-    tracker, generator = worker.tracker(job), _generator(job.sampling)
-    handed = []
+    tracker, generator = worker.tracker(job), seeded_generator(job.sampling.get("seed"))
+    handed = False
 
     def until(new: list[int]) -> bool:
-        handed.append(len(new) < job.max_tokens and worker.others_waiting())
-        return handed[-1]
+        nonlocal handed
+        handed = len(new) < job.max_tokens and worker.others_waiting()
+        return handed
 
     out, error = worker.run_alone(job, tracker, until=until, generator=generator)
-    if out is None or not any(handed) or job.cancelled.is_set() or tracker.stopped:
+    if out is None or not handed or job.cancelled.is_set() or tracker.stopped:
         worker.conclude(job, tracker, out, error)
         return
     worker.handed_over()
     _admit(worker, session, rows, job, _Alone(tracker, out.sequences[0, len(job.prompt_ids):].tolist(), out.stats,
                                               generator))
-
-
-def _generator(sampling: dict) -> torch.Generator:
-    """The job's random stream, seeded as `generate` seeds it from the request's seed."""
-    generator = torch.Generator()
-    if sampling.get("seed") is not None:
-        generator.manual_seed(sampling["seed"])
-    else:
-        generator.seed()
-    return generator
 
 
 def _admit(worker, session: BatchSession, rows: dict[int, _Running], job, alone: _Alone | None = None) -> None:
@@ -135,7 +126,7 @@ def _admit(worker, session: BatchSession, rows: dict[int, _Running], job, alone:
         verify = verifier(job.sampling)
     else:
         tracker, done = alone.tracker, alone.tokens
-        verify = verifier({k: v for k, v in job.sampling.items() if k != "seed"}, alone.generator)
+        verify = verifier(job.sampling, alone.generator)
     running = _Running(job, tracker, alone=alone.stats if alone is not None else None)
 
     def stopping(new: list[int]) -> bool:  # after each step: this step's text out, then the stop rule

@@ -221,6 +221,7 @@ def sampling(options: Options) -> dict:
 
 def verifier(arguments: dict, generator=None):
     """The verification rule (greedy or a Sampler) for `sampling`'s arguments, `generate`'s defaults
-    for the rest; a Sampler draws from `generator` when given (then `arguments` has no seed)."""
+    for the rest; a Sampler draws from `generator` when given (in place of the arguments' seed)."""
     return make_verifier(**{"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                            "seed": None, **arguments, "generator": generator})
+                            **arguments, "seed": None if generator is not None else arguments.get("seed"),
+                            "generator": generator})
