@@ -36,7 +36,7 @@ __all__ = ["BatchSession", "SessionRow"]
 PREFILL_CHUNK = 256
 """Prompt tokens a joining row feeds per step while other rows decode (`BatchSession._prompt_chunks`):
 the running rows wait for one chunk a step, not for the whole prompt. The built-in pair's compiled
-prefill on 2 AVX-512 cores (the cost tables of BENCHMARKS.md session 10): target 366 ms for 64
+prefill on 2 AVX-512 cores (its cost tables, BENCHMARKS.md session 10, "Prefill costs"): target 366 ms for 64
 tokens and 1971 ms for 512, draft 145 and 690 ms: a chunk of 256 holds the others about 1.3 s a step
 (interpolated), and a token costs more prefilled 256 at a time than 512 (3.9 ms a token at 512, 5.7 at
 64), a price the chunked prompt's own first token pays."""
