@@ -55,7 +55,8 @@ from .running import (
     resolve_methods,
     run_comparison,
 )
-from .vllm_peer import DEFAULT_SPECULATIVE_TOKENS, peer_settings, started_peers, vllm_python
+from .peer_process import peer_settings
+from .vllm_peer import DEFAULT_SPECULATIVE_TOKENS, started_peers, vllm_python
 
 
 def check_numbers(args: argparse.Namespace) -> list[float]:

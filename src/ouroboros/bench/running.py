@@ -34,7 +34,7 @@ from .contestants import (  # noqa: F401 (re-exported: the bench's modules and t
     resolve_methods,
 )
 from .datasets import Question, prompt_ids
-from .vllm_peer import VllmError
+from .peer_process import PeerError
 
 WARMUP_TOKENS = 16
 TIMING_NOTE = "wall time is measured around each generate call and includes prefill, for every method"
@@ -95,7 +95,7 @@ class Bench:
     fast: bool | None = None
     """generate()'s runner choice for engine methods (--fast / --eager; None: where it pays)."""
     peers: dict = field(default_factory=dict)
-    """Contestant name -> running `vllm_peer.VllmPeer`."""
+    """Contestant name -> its running peer (`peer_process.PeerProcess`: vLLM, llama.cpp)."""
     batch: int = 1
     """--batch: prompts per group; each contestant that batches runs a group in one call."""
 
@@ -370,7 +370,7 @@ def run_comparison(bench: Bench, questions: list[Question], methods: list[Method
             bar.update(len(group))
     except KeyboardInterrupt:
         return records, True
-    except VllmError as exc:  # a peer that died (e.g. out of memory) ends the run, keeping what is done
+    except PeerError as exc:  # a peer that died (e.g. out of memory) ends the run, keeping what is done
         print(f"\nouroboros bench: {exc}", file=sys.stderr)
         return records, True
     return records, False

@@ -1,21 +1,19 @@
 """A vLLM engine in its own process, for the bench's vLLM contestants.
 
 Run by a Python that has vLLM (`--vllm-python`, possibly another virtual environment: vLLM's CPU
-build pins its own transformers), so this file imports only the standard library and vLLM.
-Protocol: one JSON object per line. The first line this process writes is {"ready": true, ...}
-once the engine is up (or {"error": ...}); then each request line {"prompts", "max_new_tokens",
-"eos_ids", "temperature", "top_p", "seed"} gets {"rows", "seconds"}: the new token ids of each
-prompt, and the wall time of one `LLM.generate` call on all of them, submitted together (prefill
-included; one prompt is a single stream). vLLM's own
-logs go to stderr: the protocol has the original stdout to itself.
+build pins its own transformers), so this file imports only the standard library, vLLM and its
+sibling `peer_worker` (the protocol). A request's "seconds" are the wall time of one `LLM.generate`
+call on all its prompts, submitted together (prefill included; one prompt is a single stream).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
+
+try:
+    from .peer_worker import answer_requests, reply, run
+except ImportError:  # run as a script by another Python, without this package: this folder is on sys.path
+    from peer_worker import answer_requests, reply, run
 
 
 def serve(settings: dict, requests, replies) -> None:
@@ -37,12 +35,9 @@ def serve(settings: dict, requests, replies) -> None:
         engine["speculative_config"] = speculation
     start = time.perf_counter()
     llm = LLM(**engine)
-    _reply(replies, {"ready": True, "startup_seconds": round(time.perf_counter() - start, 1),
-                     "version": _version()})
-    for line in requests:
-        if not line.strip():
-            continue
-        request = json.loads(line)
+    reply(replies, {"ready": True, "startup_seconds": round(time.perf_counter() - start, 1), "version": _version()})
+
+    def answer(request: dict) -> dict:
         temperature = request.get("temperature", 0.0)
         params = SamplingParams(max_tokens=request["max_new_tokens"], stop_token_ids=request["eos_ids"],
                                 temperature=temperature, top_p=request.get("top_p", 1.0) if temperature else 1.0,
@@ -51,7 +46,9 @@ def serve(settings: dict, requests, replies) -> None:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-        _reply(replies, {"rows": [list(output.outputs[0].token_ids) for output in outputs], "seconds": seconds})
+        return {"rows": [list(output.outputs[0].token_ids) for output in outputs], "seconds": seconds}
+
+    answer_requests(requests, replies, answer)
 
 
 def _version() -> str:
@@ -60,20 +57,8 @@ def _version() -> str:
     return vllm.__version__
 
 
-def _reply(stream, message: dict) -> None:
-    stream.write(json.dumps(message) + "\n")
-    stream.flush()
-
-
 def main() -> None:
-    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM and its engine processes log to stderr
-    try:
-        settings = json.loads(sys.stdin.readline())
-        serve(settings, sys.stdin, replies)
-    except Exception as exc:  # report why the engine could not start or answer, then exit non-zero
-        _reply(replies, {"error": f"{type(exc).__name__}: {exc}"})
-        raise
+    run(serve)
 
 
 if __name__ == "__main__":  # vLLM starts its engine with spawn: this guard is required
