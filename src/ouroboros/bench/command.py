@@ -41,7 +41,10 @@ from ..errors import InvalidArgumentError
 from ..loading import load_pair
 from ..model_facts import context_length, eos_token_ids
 from ..roofline import memory_bound
+from .contestants import LLAMA_PEERS, VLLM_PEERS
 from .datasets import Question, load_questions, prompt_ids
+from .llama_peer import DEFAULT_DRAFT_TOKENS, LOOKUP, llama_makers, llama_python
+from .peer_process import peer_settings, started
 from .reporting import AnswerFiles, aggregate, format_table, plot_speedups, write_results
 from .running import (
     ABLATION_SWITCHES,
@@ -55,15 +58,14 @@ from .running import (
     resolve_methods,
     run_comparison,
 )
-from .peer_process import peer_settings
-from .vllm_peer import DEFAULT_SPECULATIVE_TOKENS, started_peers, vllm_python
+from .vllm_peer import DEFAULT_SPECULATIVE_TOKENS, vllm_makers, vllm_python
 
 
 def check_numbers(args: argparse.Namespace) -> list[float]:
     """Reject bad numbers before any model is loaded; returns the temperatures."""
     check_minimums(("--num-prompts", args.num_prompts, 1), ("--start", args.start, 0),
                    ("--max-new-tokens", args.max_new_tokens, 1), ("--per-category", args.per_category, 1),
-                   ("--vllm-k", args.vllm_k, 1), ("--batch", args.batch, 1))
+                   ("--vllm-k", args.vllm_k, 1), ("--llama-k", args.llama_k, 1), ("--batch", args.batch, 1))
     if args.batch > 1 and args.costs:
         raise InvalidArgumentError("--costs replays single-stream forwards: give it with --batch 1 only")
     temperatures = args.temperature
@@ -98,7 +100,8 @@ def check_lengths(bench: Bench, questions: list[Question]) -> None:
 
 
 PEER_CONTEXT = 8192
-"""vLLM's max_model_len (at most the target's context): enough for every bench prompt and answer."""
+"""vLLM's max_model_len and llama.cpp's n_ctx (at most the target's context): enough for every bench
+prompt and answer."""
 REPLAY_NOTE = ("replayed figures: each method's forwards (tokens fed, tokens cached) priced on the cost table; "
                "an estimate of that table's machine, not a measurement; hf_vanilla replayed as its prefill plus "
                "one single-token forward per further token; HF assisted and prompt lookup cannot be replayed")
@@ -129,7 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     temperatures = check_numbers(args)
     python = vllm_python(args.vllm_python)
-    methods = resolve_methods(args, peers_available=python is not None)
+    methods = resolve_methods(args, peers_available=python is not None,
+                              llama_available=llama_python(args.llama_python) is not None)
     drafted = [m.name for m in methods if m.needs_draft]
     check_model_arguments(args, needs_draft=bool(drafted), what=", ".join(drafted))
     dataset, questions = load_questions(args)
@@ -172,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 answer_files[f"{temperature:g}"] = {name: os.fspath(path) for name, path in paths.items()}
                 print("\n" + format_table(run, len(records), args.max_new_tokens) + "\n" + bound.line() + "\n"
                       + f"peak RSS of the bench process so far: {run['peak_rss_mib']:.0f} MiB "
-                      "(vLLM workers not included)\n")
+                      "(peer workers not included)\n")
             if interrupted:
                 break
         peer_info = peer_settings(bench.peers)
@@ -206,14 +210,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _peers(args: argparse.Namespace, methods, python: str | None, out: Path):
-    """The run's vLLM peers, started (see `vllm_peer.started_peers`) on the target's model directory."""
-    names = [m.name for m in methods if m.peer]
-    target, draft = (args.target, args.draft) if args.target or not names else map(str, default_pair_dirs())
+    """The run's peers, started (see `peer_process.started`): vLLM on the target's model directory,
+    llama.cpp on its GGUF files (`llama_peer.gguf_files`)."""
+    vllm_names = [m.name for m in methods if m.peer in VLLM_PEERS]
+    llama_names = [m.name for m in methods if m.peer in LLAMA_PEERS]
+    target, draft = args.target, args.draft
     limit = PEER_CONTEXT
-    if names:
+    if vllm_names or llama_names:
+        target, draft = (target, draft) if target else map(str, default_pair_dirs())
         limit = min(context_length(AutoConfig.from_pretrained(target)) or limit, limit)
-    return started_peers(names, python, target, draft, dtype=args.dtype, threads=torch.get_num_threads(),
+    threads = torch.get_num_threads()
+    makers = vllm_makers(vllm_names, python, target, draft, dtype=args.dtype, threads=threads,
                          max_model_len=limit, speculative_tokens=args.vllm_k, log_dir=out)
+    makers |= llama_makers(llama_names, llama_python(args.llama_python), args.llama_gguf,
+                           builtin=args.target is None, n_ctx=limit, threads=threads, draft_tokens=args.llama_k,
+                           log_dir=out)
+    return started(makers)
 
 
 @contextlib.contextmanager
@@ -276,6 +288,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                             "(default: this Python, if vLLM is importable here)")
     peers.add_argument("--vllm-k", type=int, default=DEFAULT_SPECULATIVE_TOKENS,
                        help=f"the speculating vLLM peers' draft length (default {DEFAULT_SPECULATIVE_TOKENS})")
+    peers.add_argument("--llama-python", metavar="PYTHON",
+                       help="a Python with llama-cpp-python: then llama_cpp, llama_cpp_lookup (its prompt lookup) "
+                            "and llama_cpp_draft (the draft model's GGUF drafting) run by default, on the built-in "
+                            "pair's own Q4_K_M GGUF files (another numeric model than the bench's: their text is not "
+                            "compared with hf_vanilla's, only their speed)")
+    peers.add_argument("--llama-gguf", metavar="TARGET.gguf[,DRAFT.gguf]",
+                       help="the llama.cpp peers' GGUF files, needed with --target (default: the built-in pair's "
+                            "own, joined once into the cache folder)")
+    peers.add_argument("--llama-k", type=int, default=DEFAULT_DRAFT_TOKENS,
+                       help=f"llama_cpp_draft's draft length (default {DEFAULT_DRAFT_TOKENS}; "
+                            f"llama_cpp_lookup drafts the binding's default {LOOKUP[1]})")
     add_model_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(func=cmd_bench)

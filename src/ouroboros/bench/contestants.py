@@ -1,6 +1,6 @@
 """The contestants of `ouroboros bench`: HF's generate modes, every engine method and its variants
-(warm pool, eager, ablation, one-at-a-time partners of batched runs), the vLLM peers, and which of
-them a run uses."""
+(warm pool, eager, ablation, one-at-a-time partners of batched runs), the vLLM and llama.cpp peers,
+and which of them a run uses."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Method:
     fast: bool | None = None
     """Overrides the run's runner choice (e.g. vanilla_eager: plain decoding on the eager runner)."""
     peer: str | None = None
-    """Another engine, run in its own process (`vllm_peer`): one of `PEERS`."""
+    """Another engine, run in its own process (`vllm_peer`, `llama_peer`): one of `PEERS`."""
     sequential: bool = False
     """With --batch N > 1: the group's prompts one after another (what a serial server delivers),
     beside the same method batched."""
@@ -41,16 +41,22 @@ class Method:
     @property
     def batches(self) -> bool:
         """Whether --batch N runs this contestant on N prompts in one call: HF greedy (left padded),
-        the vLLM peers, and every engine method."""
+        the vLLM peers, and every engine method (not llama.cpp: its binding decodes one stream)."""
         if self.sequential:
             return False
-        return self.hf == "greedy" or bool(self.peer) or self.engine is not None
+        return self.hf == "greedy" or self.peer in VLLM_PEERS or self.engine is not None
 
     @property
     def needs_draft(self) -> bool:
         """Whether this contestant runs the draft model (so a bench without --draft cannot run it)."""
         return (self.hf == "assisted" or self.peer == "vllm_draft"
                 or (self.engine is not None and get_method(self.engine).needs_draft))
+
+    @property
+    def compared(self) -> bool:
+        """Whether its greedy text is compared token by token with hf_vanilla's: every contestant that
+        runs the same numeric model, so not llama.cpp (its GGUF's quantized weights)."""
+        return self.peer not in LLAMA_PEERS
 
     @property
     def foreign(self) -> bool:
@@ -85,19 +91,25 @@ SEQUENTIAL_METHODS = ("hf_vanilla", "vanilla", "ouroboros", "auto")
 """Those with a `<name>_sequential` contestant: with --batch N > 1, the group run one prompt at a time."""
 SEQUENTIAL_PARTNERS = ("vanilla", "ouroboros", "auto")
 """With --batch N > 1 these bring their sequential contestant along, for the batched/sequential ratio."""
-PEERS = ("vllm", "vllm_draft", "vllm_ngram", "vllm_ouroboros")
+VLLM_PEERS = ("vllm", "vllm_draft", "vllm_ngram", "vllm_ouroboros")
 """vLLM plain, with the draft model, with its n-gram proposer and with this project's phrase
 proposer (`ouroboros.integrations.vllm`), when a Python with vLLM is available (`vllm_peer`)."""
+LLAMA_PEERS = ("llama_cpp", "llama_cpp_lookup", "llama_cpp_draft")
+"""llama.cpp plain, with its prompt lookup and with the draft model, when --llama-python is given
+(`llama_peer`)."""
+PEERS = VLLM_PEERS + LLAMA_PEERS
 ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES) + (
     "ouroboros_classic",)
 """The ablation: every switch off in turn, and `ouroboros_classic` with all the adaptive ones
 (issue 11's) off at once, i.e. the method as it was before them."""
 
 
-def resolve_methods(args: argparse.Namespace, peers_available: bool = False) -> list[Method]:
+def resolve_methods(args: argparse.Namespace, peers_available: bool = False,
+                    llama_available: bool = False) -> list[Method]:
     """The methods to run, the hf_vanilla baseline always first; the default list includes the vLLM
-    peers when `peers_available`. With --batch N > 1, those that cannot batch are left out (with a
-    note) and vanilla and ouroboros bring their sequential contestants."""
+    peers when `peers_available` and the llama.cpp ones when `llama_available`. With --batch N > 1,
+    those that cannot batch are left out (with a note) and vanilla and ouroboros bring their
+    sequential contestants."""
     table = contestants()
     if args.ablation and args.methods:
         raise InvalidArgumentError("give --methods or --ablation, not both")
@@ -110,7 +122,8 @@ def resolve_methods(args: argparse.Namespace, peers_available: bool = False) -> 
             raise InvalidArgumentError(f"unknown method {', '.join(map(repr, unknown))}; "
                                        f"choose from {', '.join(table)}")
     else:
-        names = list(DEFAULT_METHODS) + (list(PEERS) if peers_available else [])
+        names = (list(DEFAULT_METHODS) + (list(VLLM_PEERS) if peers_available else [])
+                 + (list(LLAMA_PEERS) if llama_available else []))
     names = [BASELINE] + [name for name in dict.fromkeys(names) if name != BASELINE]
     if getattr(args, "batch", 1) > 1:
         skipped = [name for name in names if not (table[name].batches or table[name].sequential)]

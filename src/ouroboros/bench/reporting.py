@@ -62,6 +62,7 @@ def method_figures(records: list[dict], method: Method, greedy: bool, costs=None
         "mean_accepted": None if method.foreign else (sum(accept) / len(accept) if accept else None),
         "target_forwards_per_token": _ratio(_forwards(turns, "target_forwards"), tokens),
         "draft_forwards_per_token": _ratio(_forwards(turns, "draft_forwards"), tokens),
+        "compared": method.compared,
         "identical_share": None,
         "divergences": [],
         "replayed_tokens_per_second": None,
@@ -69,7 +70,7 @@ def method_figures(records: list[dict], method: Method, greedy: bool, costs=None
     replayed = [_replayed_rate(a, costs) for a in answers]
     if costs is not None and None not in replayed:
         figures["replayed_tokens_per_second"] = sum(replayed) / len(replayed)
-    if greedy:
+    if greedy and method.compared:  # not llama.cpp: another numeric model, its text is its own
         if method.name == BASELINE:
             figures["identical_share"] = 1.0
         else:
@@ -195,10 +196,12 @@ def format_table(run: dict, questions: int, max_new_tokens: int, columns=TABLE_C
              f"({TIMING_NOTE}; {COUNTING_NOTE})", ""]
     lines.append(f"{'method':<30}" + "".join(f"{c.header:>{c.width}}" for c in columns))
     for name, figures in run["overall"].items():
-        lines.append(f"{name:<30}" + "".join(c.cell(figures) for c in columns))
+        lines.append(f"{_label(name, figures):<30}" + "".join(c.cell(figures) for c in columns))
     lines.append(f"(tok/s and speedup: per prompt, averaged, Spec-Bench's way; agg tok/s: all prompts' new tokens "
                  f"over the summed wall time of each group of {run.get('batch', 1)} prompts, agg x against "
                  f"{BASELINE}'s; latency: mean seconds until a prompt's result, from its group's start)")
+    if any(not f.get("compared", True) for f in run["overall"].values()):
+        lines.append(f"({OTHER_MODEL_MARK} {OTHER_MODEL_NOTE})")
     lines += divergence_lines(run)
     categories = list(run["categories"])
     if len(categories) > 1:
@@ -208,6 +211,17 @@ def format_table(run: dict, questions: int, max_new_tokens: int, columns=TABLE_C
             cells = [run["categories"][c][name]["speedup"] for c in categories] + [run["overall"][name]["speedup"]]
             lines.append(f"{name:<30}" + "".join(f"{_number(v, '.2f') + 'x':>15}" for v in cells))
     return "\n".join(lines)
+
+
+OTHER_MODEL_MARK = "[Q]"
+OTHER_MODEL_NOTE = ("another numeric model: llama.cpp runs the GGUF's quantized weights (Q4_K_M for the built-in "
+                    "pair), not the model the others run (e.g. bf16); its text is its own, not compared with "
+                    f"{BASELINE}'s (identical: -), and only its speed is comparable")
+
+
+def _label(name: str, figures: dict) -> str:
+    """A method's name in the table, marked when it runs another numeric model (`OTHER_MODEL_NOTE`)."""
+    return name if figures.get("compared", True) else f"{name} {OTHER_MODEL_MARK}"
 
 
 def divergence_lines(run: dict, limit: int = 20) -> list[str]:

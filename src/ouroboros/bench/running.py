@@ -364,7 +364,7 @@ def run_comparison(bench: Bench, questions: list[Question], methods: list[Method
                 divergences = {}
                 if greedy:
                     divergences = {name: first_divergence(bench, row[BASELINE], answer, greedy)
-                                   for name, answer in row.items() if name != BASELINE}
+                                   for name, answer in row.items() if name != BASELINE and answer.method.compared}
                 records.append({"question": question, "answers": row, "divergences": divergences,
                                 "group": start // bench.batch, "group_seconds": seconds})
             bar.update(len(group))

@@ -98,11 +98,11 @@ def started_peers(names: list[str], python: str | None, target: str, draft: str 
                   max_model_len: int, threads: int, speculative_tokens: int, log_dir: Path):
     """{name: VllmPeer} for the vLLM contestants in `names`, each started once for the whole run and
     ended when the run ends (`peer_process.started`)."""
-    return started(peer_makers(names, python, target, draft, dtype=dtype, max_model_len=max_model_len,
+    return started(vllm_makers(names, python, target, draft, dtype=dtype, max_model_len=max_model_len,
                                threads=threads, speculative_tokens=speculative_tokens, log_dir=log_dir))
 
 
-def peer_makers(names: list[str], python: str | None, target: str, draft: str | None, *, dtype: str,
+def vllm_makers(names: list[str], python: str | None, target: str, draft: str | None, *, dtype: str,
                 max_model_len: int, threads: int, speculative_tokens: int, log_dir: Path) -> dict:
     """{name: a function that starts its VllmPeer} for the vLLM contestants in `names`."""
     if names and python is None:
