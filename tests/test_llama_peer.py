@@ -224,6 +224,8 @@ def test_the_bench_times_llama_cpp_beside_the_engine_without_comparing_its_text(
     table = capsys.readouterr().out
     assert "llama_cpp_draft [Q]" in table and OTHER_MODEL_NOTE in table and "ouroboros [Q]" not in table
     assert "differ from hf_vanilla" not in table
+    (row,) = [line for line in table.splitlines() if line.startswith("llama_cpp_draft [Q]")]
+    assert row.split()[-1] == "-"  # identical: not a percentage, not compared
 
 
 def test_a_worker_that_cannot_start_is_an_error_naming_its_log(stand_in, tmp_path, monkeypatch):

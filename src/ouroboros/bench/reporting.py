@@ -163,7 +163,8 @@ class Column:
     """Shown only when the run was replayed on a cost table (`bench --costs`)."""
 
     def cell(self, figures: dict) -> str:
-        return f"{_number(self.value(figures), self.form) + self.suffix:>{self.width}}"
+        value = self.value(figures)
+        return f"{'-' if value is None else format(value, self.form) + self.suffix:>{self.width}}"
 
 
 def _share_percent(figures: dict) -> float | None:
