@@ -1,10 +1,14 @@
-"""llama.cpp's speed on the built-in pair's own GGUF files, for issue 20's side-by-side (a first step:
-this script, not yet a bench contestant).
+"""llama.cpp's speed on the built-in pair's own GGUF files, for issue 20's side-by-side: the first step,
+kept for the figures BENCHMARKS.md's session 10 took with it. The bench now runs llama.cpp as a peer
+contestant, interleaved with every other method on the same prompt ids, plain, with prompt lookup
+and with the draft model (`ouroboros bench --llama-python PYTHON`, `bench/llama_peer.py`): use that;
+this script times text prompts, plain and prompt lookup only, outside the bench.
 
 llama.cpp runs the Q4_K_M weights the built-in pair is published as; this package converts them to
 bf16 and runs those. So llama.cpp's model is a different numeric model from ours: its greedy text is
 its own, and only speed is compared. Modes: plain decoding, and llama-cpp-python's prompt-lookup
-decoding (its n-gram drafts, `LlamaPromptLookupDecoding`); the binding exposes no draft-model mode.
+decoding (its n-gram drafts, `LlamaPromptLookupDecoding`); the binding has no draft-model mode of
+its own (the bench's llama_cpp_draft brings one).
 Per prompt, the modes run one after the other (interleaved), greedy, `--max-tokens` new tokens, wall
 time around each call, prefill included; one untimed warm-up call per mode first.
 
