@@ -119,7 +119,8 @@ class Runners(list):
         super().__init__()
         self.build = build
 
-    def make(self, model, fast=None, role="target"):
+    def make(self, model, fast=None, role="target", subset=None):
+        assert subset is None, "an injected runner is built without an output subset (tiny vocabularies get none)"
         self.append(self.build(model, role))
         return self[-1]
 

@@ -42,6 +42,7 @@ from transformers import DynamicCache, StaticCache
 from .aot_constants import DATA, INDEX, load_constants, save_constants
 from .model_facts import available_memory, cache_argument, identity_digest
 from .runner import attention_windows
+from .vocab_subset import VocabSubset
 
 FORMAT = "ouroboros-aot/5"
 MIN_TOKENS = 2
@@ -59,7 +60,7 @@ BUILD_MEMORY_FACTOR = 5
 
 _LOCK = threading.Lock()
 _LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> its loaded package (`AotForward`), or the reason it has none."""
+"""model -> {output subset's key or None: its loaded package (`AotForward`), or the reason it has none}."""
 
 
 def aot_cache_dir() -> Path:
@@ -93,8 +94,9 @@ def build_memory_shortfall(model) -> str | None:
             f"{available / 1e9:.1f} GB are available (give --fast to build it anyway)")
 
 
-def package_key(model) -> dict:
-    """What a package is valid for: the model's class, config and weights, and the setting."""
+def package_key(model, subset: VocabSubset | None = None) -> dict:
+    """What a package is valid for: the model's class, config and weights, the setting, and the
+    output layer's subset of ids (`vocab_subset`) it computes logits for."""
     import transformers
 
     digest = identity_digest(model)
@@ -104,31 +106,43 @@ def package_key(model) -> dict:
             digest.update(tensor.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
     return {"format": FORMAT, "weights": digest.hexdigest()[:24], "dtype": str(next(model.parameters()).dtype),
             "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokens": [MIN_TOKENS, MAX_TOKENS]}
+            "transformers": transformers.__version__, "tokens": [MIN_TOKENS, MAX_TOKENS],
+            "vocab": "full" if subset is None else subset.key}
 
 
 class AotForward:
     """A loaded package: `(ids [rows, q], mask [rows, 1, q, capacity], positions [rows, q], past, keys,
     values, keep [k]) -> logits [rows, k, vocab]` for the `keep` positions; writes the q new keys and
     values of every layer into `keys[i]` / `values[i]` [rows, kv_heads, capacity, head_dim] at slots
-    past..past+q of every row."""
+    past..past+q of every row. A package built for a `subset` computes its ids' logits only; they
+    come back in the full vocabulary, -inf elsewhere."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, subset: VocabSubset | None = None):
+        self.subset = subset
         self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(folder / "model.so"), 1)
         self._file, self._weights = load_constants(self._runner, folder)
         """The package's weights file, mapped, and the weights over it: the runner reads them, these
         references keep them alive."""
 
     def __call__(self, ids, mask, positions, past: int, keys, values, keep) -> torch.Tensor:
-        return self._runner.run([ids, mask, positions, torch.tensor(past), keep, *keys, *values])[0]
+        logits = self._runner.run([ids, mask, positions, torch.tensor(past), keep, *keys, *values])[0]
+        return logits if self.subset is None else self.subset.expand(logits)
 
 
 class _CacheForward(torch.nn.Module):
     """The model's forward with its static cache's tensors as inputs, for `torch.export`."""
 
-    def __init__(self, model, cache_argument: str, keys: list[torch.Tensor]):
+    def __init__(self, model, cache_argument: str, keys: list[torch.Tensor], subset: VocabSubset | None = None):
         super().__init__()
         self.model, self.cache_argument = model, cache_argument
+        self.head = None
+        """The output layer's rows for `subset`, as parameters: freezing prepacks them like the model's."""
+        if subset is not None:
+            weight, bias = subset.head(model)
+            self.head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            self.head.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                self.head.bias = torch.nn.Parameter(bias, requires_grad=False)
         self.cache = StaticCache(config=model.config, max_cache_len=keys[0].shape[2])
         self.cache.early_initialization(1, [k.shape[1] for k in keys], [k.shape[-1] for k in keys], keys[0].dtype,
                                         keys[0].device)
@@ -136,48 +150,54 @@ class _CacheForward(torch.nn.Module):
     def forward(self, ids, mask, positions, past, keep, keys, values):
         for layer, k, v in zip(self.cache.layers, keys, values):
             layer.keys, layer.values, layer.cumulative_length = k, v, past.clone()
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          logits_to_keep=keep, **{self.cache_argument: self.cache}).logits
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **{self.cache_argument: self.cache})
+        if self.head is None:
+            return self.model(**inputs, logits_to_keep=keep).logits
+        return self.head(self.model.get_decoder()(**inputs).last_hidden_state[:, keep])
 
 
 def aot_forward(model, keys: list[torch.Tensor], values: list[torch.Tensor], cache_argument: str,
-                progress: bool = True) -> tuple[AotForward | None, float]:
-    """(the package's forward for `model`, or None where it has none; seconds spent loading or
-    building it in this call). Built once per machine and setting into
+                progress: bool = True, subset: VocabSubset | None = None) -> tuple[AotForward | None, float]:
+    """(the package's forward for `model` (its output layer over `subset`), or None where it has
+    none; seconds spent loading or building it in this call). Built once per machine and setting into
     `aot_cache_dir()`, loaded once per process; `keys`/`values` are one layer's buffers each, to
     trace with. A failure to build warns once and returns None (the caller compiles in-process)."""
     with _LOCK:
-        known = _LOADED.get(model)
+        loaded = _LOADED.setdefault(model, {})
+        which = None if subset is None else subset.key
+        known = loaded.get(which)
         if isinstance(known, AotForward):
             return known, 0.0
         if known is not None:
             return None, 0.0
         start = time.perf_counter()
-        folder, key = package_folder(model)
+        folder, key = package_folder(model, subset)
         built = False
         try:
             if not _valid(folder, key):
                 _say(progress, f"compiling {type(model).__name__} into {folder} (once per machine and setting) ...")
-                _build(model, keys, values, cache_argument, folder, key)
+                _build(model, keys, values, cache_argument, folder, key, subset)
                 built = True
-            loaded = AotForward(folder)
+            package = AotForward(folder, subset)
         except Exception as exc:  # any export or compiler failure: say why, compile in-process instead
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            _LOADED[model] = reason
+            loaded[which] = reason
             warnings.warn(f"no compiled package for {type(model).__name__} ({reason}); compiling in-process",
                           stacklevel=3)
             return None, time.perf_counter() - start
-        _LOADED[model] = loaded
+        loaded[which] = package
         seconds = time.perf_counter() - start
         _say(progress, f"{'compiled' if built else 'loaded'} {type(model).__name__}'s forward in {seconds:.1f} s")
-        return loaded, seconds
+        return package, seconds
 
 
-def model_package(model, progress: bool = True) -> tuple[AotForward | None, tuple[list[int], list[int]], float]:
-    """(the model's package or None, the cache layout (heads, head dims per layer) it was traced on,
-    seconds spent loading or building it now), for a runner that keeps its own buffers. Where none is
-    built yet, one eager forward of two tokens lays a cache out to build it from."""
-    layout = stored_cache_layout(model)
+def model_package(model, progress: bool = True, subset: VocabSubset | None = None
+                  ) -> tuple[AotForward | None, tuple[list[int], list[int]], float]:
+    """(the model's package (its output layer over `subset`) or None, the cache layout (heads, head
+    dims per layer) it was traced on, seconds spent loading or building it now), for a runner that
+    keeps its own buffers. Where none is built yet, one eager forward of two tokens lays a cache out."""
+    layout = stored_cache_layout(model, subset)
     if layout is None:
         cache = DynamicCache()
         with torch.inference_mode():
@@ -186,21 +206,21 @@ def model_package(model, progress: bool = True) -> tuple[AotForward | None, tupl
         layout = ([layer.keys.shape[1] for layer in cache.layers], [layer.keys.shape[-1] for layer in cache.layers])
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     keys = [torch.zeros(1, h, MIN_CAPACITY, d, dtype=dtype, device=device) for h, d in zip(*layout)]
-    package, seconds = aot_forward(model, keys, [k.clone() for k in keys], cache_argument(model), progress)
+    package, seconds = aot_forward(model, keys, [k.clone() for k in keys], cache_argument(model), progress, subset)
     return package, layout, seconds
 
 
-def package_folder(model) -> tuple[Path, dict]:
-    """Where `model`'s package is kept, and the key it must match (`package_key`)."""
-    key = package_key(model)
+def package_folder(model, subset: VocabSubset | None = None) -> tuple[Path, dict]:
+    """Where `model`'s package (for `subset`) is kept, and the key it must match (`package_key`)."""
+    key = package_key(model, subset)
     return aot_cache_dir() / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20], key
 
 
-def stored_cache_layout(model) -> tuple[list[int], list[int]] | None:
+def stored_cache_layout(model, subset: VocabSubset | None = None) -> tuple[list[int], list[int]] | None:
     """(key-value heads, head size) per layer of the cache that `model`'s built package was traced on,
     or None before it is built. A runner lays its cache out from this instead of running a first eager
     forward, so on the package's path the model's own weights (mapped from disk) are never read."""
-    folder, key = package_folder(model)
+    folder, key = package_folder(model, subset)
     if not _valid(folder, key):
         return None
     layout = json.loads((folder / "cache.json").read_text())
@@ -215,13 +235,13 @@ def _valid(folder: Path, key: dict) -> bool:
         return False
 
 
-def _build(model, keys, values, cache_argument: str, folder: Path, key: dict) -> None:
+def _build(model, keys, values, cache_argument: str, folder: Path, key: dict, subset: VocabSubset | None) -> None:
     """Export the forward with dynamic new tokens and capacity, compile it frozen with its weights
     apart, and keep the package's shared library and weights (`aot_constants`) in `folder`, written
     whole or not at all."""
     from torch.export import Dim
 
-    module = _CacheForward(model, cache_argument, keys)
+    module = _CacheForward(model, cache_argument, keys, subset)
     q, capacity = Dim("q", min=MIN_TOKENS, max=MAX_TOKENS), Dim("capacity", min=MIN_CAPACITY, max=MAX_CAPACITY)
     kept, rows = Dim("kept", min=1, max=MAX_TOKENS), Dim("rows", min=1, max=MAX_ROWS)
     layers = len(keys)

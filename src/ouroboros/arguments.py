@@ -14,6 +14,7 @@ from .config import OuroborosConfig
 from .errors import InvalidArgumentError, MissingExtraError
 from .loading import parse_dtype
 from .methods import METHODS, get_method
+from .vocab_subset import DEFAULT_SIZE
 
 CONFIG_FIELDS = [name for name in OuroborosConfig.__dataclass_fields__]
 CONFIG_TYPES = typing.get_type_hints(OuroborosConfig)
@@ -40,6 +41,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "(82 s and 57 s for the built-in pair) and loaded in under a second by later runs")
     speed.add_argument("--eager", dest="fast", action="store_const", const=False,
                        help="the eager runner: no static KV cache, no torch.compile")
+    parser.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE, metavar="N",
+                        help=f"ids the draft model's output layer computes logits for: the N lowest and the "
+                             f"special ones (a cheaper draft forward; the output is the same, the target verifies "
+                             f"every token). 0: all of them. Default {DEFAULT_SIZE}; vocabularies under 2N keep all")
+
+
+def draft_vocab_from_args(args: argparse.Namespace) -> int:
+    """generate()'s `draft_vocab`, checked."""
+    check_minimums(("--draft-vocab", args.draft_vocab, 0))
+    return args.draft_vocab
 
 
 def fast_from_args(args: argparse.Namespace) -> bool | None:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from .batch_runner import make_batch_runner
-from .cost_cache import cached_measurement
+from .cost_cache import cached_measurement, vocab_key
 from .costs import interpolate
 from .model_facts import vocab_size
 from .tree import DraftTree
+from .vocab_subset import VocabSubset
 
 __all__ = ["BatchCosts", "batch_costs"]
 
@@ -53,21 +54,24 @@ class BatchCosts:
         return interpolate(by_rows, rows) / 1000
 
 
-def batch_costs(model, *, fast: bool | None = None, progress: bool = False) -> BatchCosts:
-    """`model`'s batched costs on the batch runner `generate_batch(fast=fast)` uses, measured on
-    first use (seconds: a prefill of every row, then `REPEATS` forwards per cell) and cached."""
-    runner = make_batch_runner(model, range(max(ROWS)), fast=fast, progress=progress)
+def batch_costs(model, *, fast: bool | None = None, progress: bool = False,
+                subset: VocabSubset | None = None) -> BatchCosts:
+    """`model`'s batched costs on the batch runner `generate_batch(fast=fast)` uses (its output layer
+    over `subset`), measured on first use (seconds: a prefill of every row, then `REPEATS` forwards
+    per cell) and cached."""
+    runner = make_batch_runner(model, range(max(ROWS)), fast=fast, progress=progress, subset=subset)
     kind = "compiled" if runner.package is not None else "eager"
-    return cached_measurement(model, kind, {"batch": {"rows": list(ROWS), "widths": list(WIDTHS), "cached": CACHED}},
-                              lambda: _measure(model, fast), BatchCosts.from_dict, progress)[0]
+    return cached_measurement(model, kind, {"batch": {"rows": list(ROWS), "widths": list(WIDTHS), "cached": CACHED},
+                                            **vocab_key(subset)},
+                              lambda: _measure(model, fast, subset), BatchCosts.from_dict, progress)[0]
 
 
-def _measure(model, fast: bool | None) -> BatchCosts:
+def _measure(model, fast: bool | None, subset: VocabSubset | None) -> BatchCosts:
     vocab = vocab_size(model)
     table: dict[int, dict[int, float]] = {}
     with torch.inference_mode():
         for rows in ROWS:
-            runner = make_batch_runner(model, range(rows), fast=fast, progress=False)
+            runner = make_batch_runner(model, range(rows), fast=fast, progress=False, subset=subset)
             prefixes = {row: [(7919 * i + 11 * row + 5) % vocab for i in range(CACHED)] for row in range(rows)}
             _step(runner, {row: (prefix, DraftTree()) for row, prefix in prefixes.items()})
             table[rows] = {}

@@ -31,6 +31,7 @@ from .aot import AotForward, aot_blocker, model_package
 from .runner import ForwardRecord, ModelAccess, attention_masks, reusable_prefix, tree_inputs
 from .static_runner import fast_path_blocker
 from .tree import DraftTree
+from .vocab_subset import VocabSubset
 
 __all__ = ["BatchRunner", "make_batch_runner"]
 
@@ -41,21 +42,22 @@ CAPACITY_STEP = 128
 
 
 def make_batch_runner(model, rows: Sequence[int], *, fast: bool | None = None, role: str = "target",
-                      progress: bool = True) -> BatchRunner:
-    """A `BatchRunner` on the model's compiled package where the single-stream fast path would run
-    one (`fast` as in `generate`), else on a `DynamicCache`; with `fast=True` it says why not."""
+                      progress: bool = True, subset: VocabSubset | None = None) -> BatchRunner:
+    """A `BatchRunner` (its output layer over `subset`) on the model's compiled package where the
+    single-stream fast path would run one (`fast` as in `generate`), else on a `DynamicCache`; with
+    `fast=True` it says why not."""
     reason = "the eager runner was asked for" if fast is False else fast_path_blocker(model, fast) or aot_blocker(model)
     if reason is None:
-        package, layout, seconds = model_package(model, progress)
+        package, layout, seconds = model_package(model, progress, subset)
         if package is not None:
-            runner = BatchRunner(model, rows, role, package=(package, layout))
+            runner = BatchRunner(model, rows, role, package=(package, layout), subset=subset)
             runner.compile_seconds = seconds
             return runner
         reason = "its compiled package could not be built"
     if fast:
         warnings.warn(f"batched fast path off for {type(model).__name__}, using the eager batch runner: {reason}",
                       stacklevel=2)
-    return BatchRunner(model, rows, role)
+    return BatchRunner(model, rows, role, subset=subset)
 
 
 class BatchRunner(ModelAccess):
@@ -66,8 +68,9 @@ class BatchRunner(ModelAccess):
     Rows are named by the ids given at construction and keep them when others are dropped."""
 
     def __init__(self, model, rows: Sequence[int], role: str = "target",
-                 package: tuple[AotForward, tuple[list[int], list[int]]] | None = None):
-        super().__init__(model, role)
+                 package: tuple[AotForward, tuple[list[int], list[int]]] | None = None,
+                 subset: VocabSubset | None = None):
+        super().__init__(model, role, subset)
         self.package = package[0] if package is not None else None
         self.cache = DynamicCache() if package is None else _buffers(*package[1], len(rows), CAPACITY_STEP,
                                                                      self.dtype, self.device)
@@ -151,6 +154,8 @@ class BatchRunner(ModelAccess):
         else:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                 logits_to_keep=width - first, **{self.cache_argument: self.cache}).logits
+            if self.subset is not None:  # the full output layer ran: propose as the subset's package would
+                logits = self.subset.mask(logits)
         self.log.record(before, len(self.rows) * width, start)
         for row, (pending, _) in steps.items():
             self._fed(row, start, len(pending), inputs[row][0])

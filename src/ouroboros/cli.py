@@ -15,6 +15,7 @@ from .arguments import (
     check_minimums,
     check_model_arguments,
     config_from_args,
+    draft_vocab_from_args,
     fast_from_args,
     is_missing_extra,
     method_help,
@@ -53,7 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if get_method(args.method).needs_costs:  # read here, so that a first measurement is announced and timed apart
         from .engine import cost_table
 
-        costs = cost_table(target, draft, fast=fast_from_args(args), progress=True)
+        costs = cost_table(target, draft, fast=fast_from_args(args), progress=True,
+                           draft_vocab=draft_vocab_from_args(args))
         if costs.meta["measure_seconds"]:
             print(f"ouroboros: forward costs measured in {costs.meta['measure_seconds']:.1f} s (once per machine "
                   "and setting; not counted below)", file=sys.stderr)
@@ -63,7 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = generate(target, input_ids, draft=draft, method=args.method, max_new_tokens=args.max_new_tokens,
                        config=config, streamer=streamer, do_sample=args.temperature > 0,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       seed=args.seed, costs=costs, fast=fast_from_args(args))
+                       seed=args.seed, costs=costs, fast=fast_from_args(args),
+                       draft_vocab=draft_vocab_from_args(args))
     except KeyboardInterrupt:
         streamer.end()
         seconds = time.perf_counter() - start

@@ -148,8 +148,15 @@ def model_costs(model, *, cache_dir: str | os.PathLike | None = None, progress: 
 def runner_costs(runner: Runner, *, cache_dir=None, progress: bool = False) -> tuple[ModelCosts, float, Path]:
     """(costs, seconds spent measuring now, the cache file) of `runner`'s model, measured on
     `runner` (an empty one), or read from the cache when it was measured before in this setting."""
-    return cached_measurement(runner.model, runner_kind(runner), {}, lambda: measure_costs(runner.model, runner=runner),
-                              ModelCosts.from_dict, progress, cache_dir)
+    return cached_measurement(runner.model, runner_kind(runner), vocab_key(runner.subset),
+                              lambda: measure_costs(runner.model, runner=runner), ModelCosts.from_dict, progress,
+                              cache_dir)
+
+
+def vocab_key(subset) -> dict:
+    """What a cost table's key adds for a runner whose output layer covers a subset of ids (a
+    cheaper forward): nothing for the full layer, so that tables measured before stay valid."""
+    return {} if subset is None else {"vocab": subset.key}
 
 
 def cached_measurement(model, kind: str, extra: dict, measure, parse, progress: bool = False, cache_dir=None):
@@ -164,7 +171,8 @@ def cached_measurement(model, kind: str, extra: dict, measure, parse, progress: 
     if costs is not None:
         return costs, 0.0, path
     if progress:
-        print(f"ouroboros: measuring the {'batched ' if extra else ''}forward costs of {type(model).__name__} on "
+        batched = "batched " if "batch" in extra else ""
+        print(f"ouroboros: measuring the {batched}forward costs of {type(model).__name__} on "
               f"{key['hardware']} ({key['dtype']}, {key['threads']} threads), once; cached in {path.parent}",
               file=sys.stderr, flush=True)
     start = time.perf_counter()

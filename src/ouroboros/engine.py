@@ -29,6 +29,7 @@ from .cost_cache import check_against_run, environment_key, runner_costs
 from .costs import CostTable
 from .runner import ForwardRecord, Runner
 from .static_runner import make_runner, runs_compiled
+from .vocab_subset import DEFAULT_SIZE, vocab_subset
 
 __all__ = ["Engine", "cost_table", "engine_for"]
 
@@ -41,10 +42,12 @@ class Engine:
     `fast` as in `generate`: True the compiled fast path (saying why not where it cannot), False the
     eager runner, None the fast path where it is expected to pay here. `make_runner(model, fast=,
     role=)` builds the single-stream runners (tests inject their own). `cache_dir` is where cost
-    tables are cached (default: `model_facts.cost_cache_dir()`)."""
+    tables are cached (default: `model_facts.cost_cache_dir()`). `draft_vocab`: the ids the draft's
+    output layer computes (`vocab_subset`; 0 or None: all of them)."""
 
     def __init__(self, target, draft=None, *, fast: bool | None = None, cache_dir: str | os.PathLike | None = None,
-                 make_runner: Callable[..., Runner] = make_runner, hold_models: bool = True):
+                 make_runner: Callable[..., Runner] = make_runner, hold_models: bool = True,
+                 draft_vocab: int | None = DEFAULT_SIZE):
         self._models = {role: weakref.ref(model) for role, model in zip(ROLES, (target, draft)) if model is not None}
         self._held = (target, draft) if hold_models else ()
         self.fast = fast
@@ -52,6 +55,8 @@ class Engine:
         self._make_runner = make_runner
         self.compiled = {role: runs_compiled(model, fast) for role, model in self.models().items()}
         """Per role: whether its runners are the compiled fast path (decided here, once)."""
+        self.subsets = {"target": None, "draft": None if draft is None else vocab_subset(draft, draft_vocab)}
+        """Per role: the ids its output layer computes (`vocab_subset`), None for all of them."""
         self._costs: CostTable | None = None
         self._batch_costs: dict[str, BatchCosts] = {}
 
@@ -74,11 +79,12 @@ class Engine:
 
     def runner(self, role: str = "target") -> Runner:
         """A fresh single-stream runner for `role`'s model (empty cache), of the kind decided at build."""
-        return self._make_runner(self.models()[role], fast=self.compiled[role], role=role)
+        return self._make_runner(self.models()[role], fast=self.compiled[role], role=role, subset=self.subsets[role])
 
     def batch_runner(self, role: str = "target", rows: Sequence[int] = ()) -> BatchRunner:
         """A batch runner for `role`'s model: on its compiled package where its runners compile."""
-        return make_batch_runner(self.models()[role], rows, fast=self.compiled[role], role=role)
+        return make_batch_runner(self.models()[role], rows, fast=self.compiled[role], role=role,
+                                 subset=self.subsets[role])
 
     def costs(self, *, progress: bool = False) -> CostTable:
         """The pair's forward costs on this engine's runners, measured on first use (then read from
@@ -105,7 +111,8 @@ class Engine:
         """`role`'s batched forward costs (rows x new tokens) on this engine's batch runners, measured on
         first use (`batch_costs`)."""
         if role not in self._batch_costs:
-            self._batch_costs[role] = batch_costs(self.models()[role], fast=self.compiled[role], progress=progress)
+            self._batch_costs[role] = batch_costs(self.models()[role], fast=self.compiled[role], progress=progress,
+                                                  subset=self.subsets[role])
         return self._batch_costs[role]
 
     def check_costs(self, table: CostTable, log: list[ForwardRecord], **limits) -> list[str]:
@@ -121,17 +128,21 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """target -> {(draft's id, fast, cache_dir): Engine}: what `generate` reuses from call to call."""
 
 
-def engine_for(target, draft=None, fast: bool | None = None, cache_dir: str | os.PathLike | None = None) -> Engine:
-    """The cached engine of (target, draft, fast): built on first use, holding its models weakly."""
+def engine_for(target, draft=None, fast: bool | None = None, cache_dir: str | os.PathLike | None = None,
+               draft_vocab: int | None = DEFAULT_SIZE) -> Engine:
+    """The cached engine of (target, draft, fast, draft_vocab): built on first use, holding its models weakly."""
     engines = _ENGINES.setdefault(target, {})
-    key = (id(draft) if draft is not None else None, fast, None if cache_dir is None else os.fspath(cache_dir))
+    key = (id(draft) if draft is not None else None, fast, None if cache_dir is None else os.fspath(cache_dir),
+           draft_vocab)
     engine = engines.get(key)
     if engine is None or engine.draft is not draft:
-        engine = engines[key] = Engine(target, draft, fast=fast, cache_dir=cache_dir, hold_models=False)
+        engine = engines[key] = Engine(target, draft, fast=fast, cache_dir=cache_dir, hold_models=False,
+                                       draft_vocab=draft_vocab)
     return engine
 
 
-def cost_table(target, draft=None, *, fast: bool | None = False, cache_dir=None, progress: bool = False) -> CostTable:
-    """Costs of the pair as it runs here (on the runners `generate(fast=fast)` uses), measured on
-    first use and cached; `meta["measure_seconds"]` says how long measuring took."""
-    return engine_for(target, draft, fast, cache_dir).costs(progress=progress)
+def cost_table(target, draft=None, *, fast: bool | None = False, cache_dir=None, progress: bool = False,
+               draft_vocab: int | None = DEFAULT_SIZE) -> CostTable:
+    """Costs of the pair as it runs here (on the runners `generate(fast=fast, draft_vocab=draft_vocab)`
+    uses), measured on first use and cached; `meta["measure_seconds"]` says how long measuring took."""
+    return engine_for(target, draft, fast, cache_dir, draft_vocab).costs(progress=progress)

@@ -19,6 +19,7 @@ from .pool import PhrasePool
 from .proposers import Context, Planned
 from .request import GenerationStats, emit, make_verifier, validate
 from .runner import decode_step
+from .vocab_subset import DEFAULT_SIZE
 
 if TYPE_CHECKING:
     from .batch_generation import BatchGenerationOutput
@@ -59,6 +60,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     engine: Engine | None = None,
+    draft_vocab: int | None = DEFAULT_SIZE,
 ) -> GenerationOutput | BatchGenerationOutput:
     """Generate with `method`; the output is exactly the target's own decoding.
 
@@ -71,7 +73,9 @@ def generate(
     `fast` picks the runner: True the compiled static-cache fast path, False the eager one, None
     (default) the fast path where it is expected to pay on this device (`static_runner.make_runner`).
     The runners and cost tables come from `engine` (an `engine.Engine` of this target and draft), by
-    default the one cached for (target, draft, fast). `method="auto"` picks and switches the drafting
+    default the one cached for (target, draft, fast, draft_vocab). `draft_vocab`: how many ids the
+    draft model's output layer computes logits for (`vocab_subset`: the cheaper draft forward, same
+    output; 0 or None for all). `method="auto"` picks and switches the drafting
     per step (see `proposers.auto`); it uses `costs` (a `CostTable` of this machine) or the engine's
     (measured and cached on first use).
     `pool=None` starts a fresh phrase pool (cold); pass a `PhrasePool` to carry phrases across calls
@@ -85,7 +89,7 @@ def generate(
     """
     from .batch_generation import generate_batch, is_batch  # imported here: that module imports this one
 
-    engine = _engine(target, draft, fast, engine)
+    engine = _engine(target, draft, fast, engine, draft_vocab)
     if is_batch(input_ids, attention_mask):
         return generate_batch(target, input_ids, attention_mask=attention_mask, draft=draft, method=method,
                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, config=config, pool=pool,
@@ -141,10 +145,10 @@ def generate(
     return GenerationOutput(sequences, stats, finish)
 
 
-def _engine(target, draft, fast: bool | None, engine: Engine | None) -> Engine:
+def _engine(target, draft, fast: bool | None, engine: Engine | None, draft_vocab: int | None) -> Engine:
     """The given engine, checked against the call's models, or the one cached for them."""
     if engine is None:
-        return engine_for(target, draft, fast)
+        return engine_for(target, draft, fast, draft_vocab=draft_vocab)
     if engine.target is not target or engine.draft is not draft:
         raise InvalidArgumentError("engine was built for other models than the target and draft given")
     return engine

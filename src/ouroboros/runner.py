@@ -25,6 +25,7 @@ from .errors import InvalidArgumentError, UnsupportedModelError
 from .files import write_json_atomically
 from .model_facts import cache_argument, cost_cache_dir, identity_digest, text_config
 from .tree import DraftTree
+from .vocab_subset import VocabSubset
 
 _TREE_ATTENTION_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -203,9 +204,11 @@ class ModelAccess:
     """What every runner has: its model, the facts a forward needs about it (device, dtype, KV cache
     argument, attention windows), its forward log and the seconds it spent compiling."""
 
-    def __init__(self, model, role: str):
+    def __init__(self, model, role: str, subset: VocabSubset | None = None):
         self.model = model
         self.role = role
+        self.subset = subset
+        """The draft's output layer over a subset of ids (`vocab_subset`), or None: the full layer."""
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache_argument = cache_argument(model)
@@ -227,8 +230,8 @@ class Runner(ModelAccess):
     what the next sequence does not share. `ModelRunner` (a DynamicCache) and
     `static_runner.StaticRunner` (static buffers, compiled) implement it."""
 
-    def __init__(self, model, role: str = "target"):
-        super().__init__(model, role)
+    def __init__(self, model, role: str = "target", subset: VocabSubset | None = None):
+        super().__init__(model, role, subset)
         self.tokens: list[int] = []
         """Token ids whose keys and values are in the cache, in order."""
         self._last: tuple[int, list[int]] | None = None
@@ -267,8 +270,8 @@ class ModelRunner(Runner):
     """Runs one model over pending tokens plus a draft tree with a `DynamicCache` (the reference
     runner, and the one for models that cannot use the static-cache fast path)."""
 
-    def __init__(self, model, role: str = "target"):
-        super().__init__(model, role)
+    def __init__(self, model, role: str = "target", subset: VocabSubset | None = None):
+        super().__init__(model, role, subset)
         self.cache = DynamicCache()
         """Full layers only (no config): sliding layers' keys stay too, the mask applies the window."""
 
@@ -277,16 +280,16 @@ class ModelRunner(Runner):
         fed, positions, allowed = tree_inputs(pending, tree, past)
         ids = torch.tensor([fed], device=self.device)
         start = time.perf_counter()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attention_masks(self.windows, allowed, positions, past, self.dtype, self.device),
-            position_ids=positions[None].to(self.device),
-            use_cache=True,
-            logits_to_keep=tree.total + 1,
-            **{self.cache_argument: self.cache},
-        )
+        inputs = dict(input_ids=ids,
+                      attention_mask=attention_masks(self.windows, allowed, positions, past, self.dtype, self.device),
+                      position_ids=positions[None].to(self.device), use_cache=True,
+                      **{self.cache_argument: self.cache})
+        if self.subset is None:
+            logits = self.model(**inputs, logits_to_keep=tree.total + 1).logits[0].float()
+        else:  # the decoder, then the output layer's rows for the subset only
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state[0, -(tree.total + 1):]
+            logits = self.subset.expand(self.subset.logits(self.model, hidden))
         self._last = (p, fed)
-        logits = out.logits[0].float()
         self.log.record(start, len(fed), past)
         return logits
 

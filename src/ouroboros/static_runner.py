@@ -38,6 +38,7 @@ from .errors import UnsupportedModelError
 from .model_facts import cache_argument, text_config
 from .runner import ModelRunner, Runner, attention_masks, attention_windows, tree_inputs
 from .tree import DraftTree
+from .vocab_subset import VocabSubset
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ class StaticRunner(Runner):
     """A `Runner` on a static KV cache, padded to shape buckets; compiled when `compile`."""
 
     def __init__(self, model, *, compile: bool = False, buckets: Sequence[int] = BUCKETS,
-                 min_capacity: int = MIN_CAPACITY, progress: bool = True, role: str = "target"):
+                 min_capacity: int = MIN_CAPACITY, progress: bool = True, role: str = "target",
+                 subset: VocabSubset | None = None):
         check_static_support(model)
-        super().__init__(model, role)
+        super().__init__(model, role, subset)
         self.compile = compile
         self.dynamic = compile and self.device.type == "cpu"
         """One graph for all buckets (dynamic new-token count, at least 2): one packed weight copy."""
@@ -116,6 +118,8 @@ class StaticRunner(Runner):
         else:
             rows = self._run(bucket, inputs).logits[0]
             logits = rows if bucket is None else rows[p - 1:q]
+            if self.subset is not None:  # a graph of the full output layer: the same proposals as the package's
+                logits = self.subset.mask(logits)
         self._last = (p, fed)
         # CUDA graphs reuse their output buffers: copy out (in float32 that is not otherwise a copy)
         logits = logits.to(torch.float32, copy=self._compiled() and self.device.type == "cuda")
@@ -135,14 +139,14 @@ class StaticRunner(Runner):
         forward's compiling; a model with none stops looking."""
         if self._aot is None and self._aot_wanted and self.model not in _BROKEN:
             if not _initialized(self.cache):
-                layout = stored_cache_layout(self.model)
+                layout = stored_cache_layout(self.model, self.subset)
                 if layout is None:  # not built yet: the first forward runs eagerly and lays the cache out
                     return None
                 self.cache.early_initialization(1, *layout, self.dtype, self.device)
                 _guard_buffers(self.cache)
             self._aot, seconds = aot_forward(self.model, [layer.keys for layer in self.cache.layers],
                                              [layer.values for layer in self.cache.layers], self.cache_argument,
-                                             self.progress)
+                                             self.progress, self.subset)
             self._aot_wanted = self._aot is not None
             self._compiled_now = self._compiled_now or seconds > 0
         return self._aot
@@ -303,10 +307,12 @@ def runs_compiled(model, fast: bool | None = None) -> bool:
     return False
 
 
-def make_runner(model, *, fast: bool | None = None, role: str = "target"):
-    """The runner for `model`: a compiled `StaticRunner` where `runs_compiled(model, fast)`, else
-    `ModelRunner`."""
-    return StaticRunner(model, compile=True, role=role) if runs_compiled(model, fast) else ModelRunner(model, role=role)
+def make_runner(model, *, fast: bool | None = None, role: str = "target", subset: VocabSubset | None = None):
+    """The runner for `model` (its output layer over `subset`): a compiled `StaticRunner` where
+    `runs_compiled(model, fast)`, else `ModelRunner`."""
+    if runs_compiled(model, fast):
+        return StaticRunner(model, compile=True, role=role, subset=subset)
+    return ModelRunner(model, role=role, subset=subset)
 
 
 def runner_kind(runner) -> str:

@@ -32,6 +32,7 @@ from ..methods import get_method
 from ..model_facts import context_length, vocab_size
 from ..pool import PhrasePool
 from ..runner import check_tree_attention
+from ..vocab_subset import DEFAULT_SIZE
 from .metrics import render_metrics
 from .schema import (
     APIError,
@@ -84,7 +85,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                max_queue: int = DEFAULT_MAX_QUEUE, fast: bool | None = None, warm_up: bool = True,
                on_ready: Callable[[float], None] | None = None, max_batch: int = 1,
-               kv_memory: float | None = None) -> FastAPI:
+               kv_memory: float | None = None, draft_vocab: int | None = DEFAULT_SIZE) -> FastAPI:
     """The FastAPI app serving `target` (with `draft`); `method` defaults to `ouroboros serve`'s, so
     an app built in Python serves what the command does. Raises the package's errors (ValueError
     subclasses) for bad settings or an unusable pool file, before anything is served. The worker
@@ -123,7 +124,7 @@ def create_app(target, draft, tokenizer, *, config: OuroborosConfig | None = Non
                     pool_file=Path(pool_file) if pool_file is not None else None,
                     pool_metadata={"tokenizer_sha256": fingerprint, "level": config.level, "model": name},
                     save_interval=pool_save_interval, max_queue=max_queue, warm_up=warm_up, on_ready=on_ready,
-                    max_batch=max_batch, kv_memory=kv_memory)
+                    max_batch=max_batch, kv_memory=kv_memory, draft_vocab=draft_vocab)
     limits = [limit for limit in map(context_length, [target, draft] if uses_draft else [target])
               if limit is not None]
     settings = _Settings(name, api_key.encode() if api_key is not None else None, max_body_bytes,

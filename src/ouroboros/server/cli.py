@@ -15,6 +15,7 @@ from ..arguments import (
     check_minimums,
     check_model_arguments,
     config_from_args,
+    draft_vocab_from_args,
     fast_from_args,
     method_help,
 )
@@ -87,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      pool_file=args.pool_file, pool_save_interval=args.pool_save_interval, api_key=api_key,
                      model_name=args.model_name, default_max_tokens=args.default_max_tokens,
                      max_queue=args.max_queue, fast=fast_from_args(args), on_ready=_say_ready,
-                     max_batch=args.max_batch, kv_memory=args.kv_memory * GIB if args.kv_memory else None)
+                     max_batch=args.max_batch, kv_memory=args.kv_memory * GIB if args.kv_memory else None,
+                     draft_vocab=draft_vocab_from_args(args))
     sock = _listen(args.host, args.port)
     compiles = fast_path_blocker(target, fast_from_args(args)) is None
     print(banner(f"http://{_url_host(args.host)}:{sock.getsockname()[1]}", app.state.model_name, args.method,

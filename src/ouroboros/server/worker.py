@@ -29,6 +29,7 @@ from ..generation import generate
 from ..methods import get_method
 from ..model_facts import kv_bytes_per_token
 from ..pool import PhrasePool
+from ..vocab_subset import DEFAULT_SIZE
 from .batching import run_batched
 from .kv_budget import GIB, default_kv_memory, reserved
 from .metrics import Metrics
@@ -77,7 +78,7 @@ class Worker:
     def __init__(self, target, draft, tokenizer, *, method: str, config: OuroborosConfig, pool: PhrasePool | None,
                  pool_file: Path | None, pool_metadata: dict, save_interval: float, max_queue: int,
                  fast: bool | None = None, warm_up: bool = True, on_ready=None, max_batch: int = 1,
-                 kv_memory: float | None = None):
+                 kv_memory: float | None = None, draft_vocab: int | None = DEFAULT_SIZE):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.warm_up = warm_up
         self.ready = threading.Event()
@@ -99,7 +100,7 @@ class Worker:
         """Bytes of keys and values the running requests may reserve together (`kv_need`)."""
         uses_draft = draft is not None and get_method(method).takes_draft
         self.kv_per_token = kv_bytes_per_token(target) + (kv_bytes_per_token(draft) if uses_draft else 0)
-        self.engine = Engine(target, draft, fast=fast)
+        self.engine = Engine(target, draft, fast=fast, draft_vocab=draft_vocab)
         """The pair's runners and cost tables (`ouroboros.engine`), shared by every request."""
         # auto's costs are measured (or read from the cache) now, not on the first request
         self.costs = self.engine.costs(progress=True) if get_method(method).needs_costs else None
