@@ -104,10 +104,10 @@ def package_key(model, subset: VocabSubset | None = None) -> dict:
         for name, tensor in model.state_dict().items():  # the packed weights are baked in: every tensor counts
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             digest.update(tensor.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
-    return {"format": FORMAT, "weights": digest.hexdigest()[:24], "dtype": str(next(model.parameters()).dtype),
-            "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokens": [MIN_TOKENS, MAX_TOKENS],
-            "vocab": "full" if subset is None else subset.key}
+    key = {"format": FORMAT, "weights": digest.hexdigest()[:24], "dtype": str(next(model.parameters()).dtype),
+           "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "tokens": [MIN_TOKENS, MAX_TOKENS]}
+    return key if subset is None else {**key, "vocab": subset.key}  # the full layer's key as before: no rebuild
 
 
 class AotForward:
