@@ -5,7 +5,7 @@
         "ouro": {"method": "ouroboros"}}'
 
 PROMPTS are HumanEval indices (raw code completion); each config is a method plus OuroborosConfig
-fields. One untimed warm-up per config (on HumanEval/5, first 40 tokens), then per prompt HF greedy
+fields, and optionally "draft_vocab" (generate's: the draft's output subset size, 0 for all). One untimed warm-up per config (on HumanEval/5, first 40 tokens), then per prompt HF greedy
 and every config in turn; prints tokens/s, accepted tokens per target forward and whether the
 output equals HF greedy, then totals as ratios over HF greedy. Prefill is included in every time.
 """
@@ -44,8 +44,9 @@ def main() -> None:
             return out[0, ids.shape[1]:].tolist(), time.perf_counter() - start, None
         spec = dict(spec)
         method = spec.pop("method")
+        vocab = {"draft_vocab": spec.pop("draft_vocab")} if "draft_vocab" in spec else {}
         out = generate(target, ids, draft=draft, method=method, max_new_tokens=new_tokens, eos_token_id=eos,
-                       config=OuroborosConfig(**spec))
+                       config=OuroborosConfig(**spec), **vocab)
         return out.sequences[0, ids.shape[1]:].tolist(), time.perf_counter() - start, out.stats
 
     runs = [("hf", {})] + list(configs.items())

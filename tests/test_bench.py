@@ -213,6 +213,12 @@ def test_select_questions():
     assert [q.group for q in picked] == ["mt_bench", "qa"]
     picked = select_questions(questions, start=1, num_prompts=2, categories=None, per_category=None, all_turns=True)
     assert [q.question_id for q in picked] == [1, 2] and len(picked[0].turns) == 2
+    picked = select_questions(questions, start=0, num_prompts=None, categories=None, per_category=1, all_turns=False,
+                              group_start=1)  # each group's second: mt_bench's (0, 1, 4) and qa's (2, 3); rag has one
+    assert [q.question_id for q in picked] == [1, 3]
+    picked = select_questions(questions, start=0, num_prompts=None, categories=None, per_category=None,
+                              all_turns=False, group_start=1)
+    assert [q.question_id for q in picked] == [1, 3, 4]
 
 
 def test_cut_at_eos():

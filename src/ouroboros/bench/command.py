@@ -31,6 +31,7 @@ from ..arguments import (
     check_minimums,
     check_model_arguments,
     config_from_args,
+    draft_vocab_from_args,
     fast_from_args,
     require_module,
 )
@@ -64,8 +65,9 @@ from .vllm_peer import DEFAULT_SPECULATIVE_TOKENS, vllm_makers, vllm_python
 def check_numbers(args: argparse.Namespace) -> list[float]:
     """Reject bad numbers before any model is loaded; returns the temperatures."""
     check_minimums(("--num-prompts", args.num_prompts, 1), ("--start", args.start, 0),
-                   ("--max-new-tokens", args.max_new_tokens, 1), ("--per-category", args.per_category, 1),
-                   ("--vllm-k", args.vllm_k, 1), ("--llama-k", args.llama_k, 1), ("--batch", args.batch, 1))
+                   ("--group-start", args.group_start, 0), ("--max-new-tokens", args.max_new_tokens, 1),
+                   ("--per-category", args.per_category, 1), ("--vllm-k", args.vllm_k, 1),
+                   ("--llama-k", args.llama_k, 1), ("--batch", args.batch, 1))
     if args.batch > 1 and args.costs:
         raise InvalidArgumentError("--costs replays single-stream forwards: give it with --batch 1 only")
     temperatures = args.temperature
@@ -119,12 +121,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def replay_table(costs: str | None, target, draft, fast: bool | None) -> CostTable | None:
+def replay_table(costs: str | None, target, draft, fast: bool | None, draft_vocab: int) -> CostTable | None:
     """--costs: a cost file, or "here" for this machine's measured (cached) table."""
     if costs is None:
         return None
     if costs == "here":
-        return cost_table(target, draft, fast=fast, progress=True)
+        return cost_table(target, draft, fast=fast, progress=True, draft_vocab=draft_vocab)
     return CostTable.load(costs)
 
 
@@ -153,9 +155,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         eos = eos_token_ids(target, tokenizer=tokenizer)
         pad = pad_id(tokenizer, eos)
         bench = Bench(target, draft, tokenizer, eos, pad, chat, args.max_new_tokens, config, args.top_p, args.seed,
-                      args.device, fast_from_args(args), batch=args.batch)
+                      args.device, fast_from_args(args), batch=args.batch, draft_vocab=draft_vocab_from_args(args))
         check_lengths(bench, questions)
-        costs = replay_table(args.costs, target, draft, fast_from_args(args))
+        costs = replay_table(args.costs, target, draft, fast_from_args(args), bench.draft_vocab)
         bound = memory_bound(target)
         model_id = Path(getattr(target.config, "name_or_path", "") or "target").name
         bench.peers = peers
@@ -259,6 +261,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--num-prompts", type=int, default=None, help="how many prompts (default: all)")
     data.add_argument("--per-category", type=int, default=None,
                       help="at most this many prompts of each category group, from --start on")
+    data.add_argument("--group-start", type=int, default=0, metavar="K",
+                      help="skip the first K prompts of each category group (e.g. the ones earlier runs used)")
     data.add_argument("--all-turns", action="store_true", help="run every turn of multi-turn questions "
                                                                   "(default: the first only)")
     run = parser.add_argument_group("run")

@@ -37,6 +37,8 @@ class Method:
     beside the same method batched."""
     unsized: bool = False
     """With --batch N > 1: every row drafts its single-stream budget (no load sizing, the ablation)."""
+    draft_vocab: int | None = None
+    """Overrides the run's --draft-vocab (0: the draft's full output layer, the ablation)."""
 
     @property
     def batches(self) -> bool:
@@ -79,6 +81,7 @@ def contestants() -> dict[str, Method]:
     table += [Method(f"ouroboros_no_{switch}", engine="ouroboros", disable=(switch,)) for switch in ABLATION_SWITCHES]
     table += [Method("ouroboros_classic", engine="ouroboros", disable=ADAPTIVE_SWITCHES)]
     table += [Method("ouroboros_unsized", engine="ouroboros", unsized=True)]
+    table += [Method("ouroboros_full_vocab", engine="ouroboros", draft_vocab=0)]
     table += [Method(name, peer=name) for name in PEERS]
     table += [Method(f"{base.name}_sequential", hf=base.hf, engine=base.engine, sequential=True)
               for base in table if base.name in SEQUENTIAL_METHODS]
@@ -99,7 +102,7 @@ LLAMA_PEERS = ("llama_cpp", "llama_cpp_lookup", "llama_cpp_draft")
 (`llama_peer`)."""
 PEERS = VLLM_PEERS + LLAMA_PEERS
 ABLATION_METHODS = ("hf_vanilla", "ouroboros") + tuple(f"ouroboros_no_{s}" for s in ABLATION_SWITCHES) + (
-    "ouroboros_classic",)
+    "ouroboros_classic", "ouroboros_full_vocab")
 """The ablation: every switch off in turn, and `ouroboros_classic` with all the adaptive ones
 (issue 11's) off at once, i.e. the method as it was before them."""
 

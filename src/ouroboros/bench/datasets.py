@@ -71,9 +71,11 @@ def load_spec_bench(path: str | os.PathLike) -> list[Question]:
 
 
 def select_questions(questions: list[Question], *, start: int, num_prompts: int | None,
-                     categories: list[str] | None, per_category: int | None, all_turns: bool) -> list[Question]:
-    """Filter by category (name or Spec-Bench group), then skip `start`, cap each group at
-    `per_category`, keep `num_prompts`; all turns or the first only."""
+                     categories: list[str] | None, per_category: int | None, all_turns: bool,
+                     group_start: int = 0) -> list[Question]:
+    """Filter by category (name or Spec-Bench group), then skip `start`, skip the first `group_start`
+    of each group (those earlier runs used), cap each group at `per_category`, keep `num_prompts`;
+    all turns or the first only."""
     if categories:
         known = {q.category for q in questions} | {q.group for q in questions}
         unknown = [c for c in categories if c not in known]
@@ -84,12 +86,12 @@ def select_questions(questions: list[Question], *, start: int, num_prompts: int 
     if start >= len(questions):
         raise InvalidArgumentError(f"--start {start} is past the last of the {len(questions)} selected prompts")
     questions = questions[start:]
-    if per_category is not None:
-        taken: dict[str, int] = defaultdict(int)
+    if per_category is not None or group_start:
+        seen: dict[str, int] = defaultdict(int)
         kept = []
         for q in questions:
-            if taken[q.group] < per_category:
-                taken[q.group] += 1
+            seen[q.group] += 1
+            if group_start < seen[q.group] <= group_start + (per_category or len(questions)):
                 kept.append(q)
         questions = kept
     if num_prompts is not None:
@@ -112,7 +114,7 @@ def load_questions(args: argparse.Namespace) -> tuple[str, list[Question]]:
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     return dataset, select_questions(questions, start=args.start, num_prompts=args.num_prompts,
                                      categories=categories, per_category=args.per_category,
-                                     all_turns=args.all_turns)
+                                     all_turns=args.all_turns, group_start=args.group_start)
 
 
 def prompt_ids(tokenizer, chat: bool, question: Question, replies: list[str]) -> list[int]:

@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 from ..batch_generation import generate_batch
 from ..config import OuroborosConfig
 from ..costs import vanilla_log
+from ..engine import engine_for
 from ..generation import generate
 from ..pool import PhrasePool
 from ..static_runner import capacities, fast_path_blocker
+from ..vocab_subset import DEFAULT_SIZE
 from .contestants import (  # noqa: F401 (re-exported: the bench's modules and tests name them here)
     ABLATION_METHODS,
     ABLATION_SWITCHES,
@@ -98,6 +100,8 @@ class Bench:
     """Contestant name -> its running peer (`peer_process.PeerProcess`: vLLM, llama.cpp)."""
     batch: int = 1
     """--batch: prompts per group; each contestant that batches runs a group in one call."""
+    draft_vocab: int = DEFAULT_SIZE
+    """--draft-vocab: the ids the draft's output layer computes (`vocab_subset`; 0: all)."""
 
 
 def _hf_kwargs(bench: Bench, method: Method, max_new_tokens: int, temperature: float) -> dict:
@@ -179,11 +183,13 @@ def _run_engine(bench: Bench, method: Method, rows: list[list[int]], max_new_tok
     config = dataclasses.replace(bench.config, **dict.fromkeys(method.disable, False))
     sampling = dict(do_sample=True, temperature=temperature, top_p=bench.top_p, seed=seed) if temperature else {}
     fast = bench.fast if method.fast is None else method.fast
+    vocab = bench.draft_vocab if method.draft_vocab is None else method.draft_vocab
+    engine = engine_for(bench.target, bench.draft, fast, draft_vocab=vocab)
     prompts = rows if len(rows) > 1 else torch.tensor(rows, dtype=torch.long, device=bench.device)
     call = partial(generate_batch, size_by_load=not method.unsized) if len(rows) > 1 else generate
     output, seconds = _timed(bench, lambda: call(
         bench.target, prompts, draft=bench.draft, method=method.engine, max_new_tokens=max_new_tokens,
-        eos_token_id=bench.eos_ids, pad_token_id=bench.pad_id, config=config, pool=pool, fast=fast, **sampling))
+        eos_token_id=bench.eos_ids, pad_token_id=bench.pad_id, config=config, pool=pool, engine=engine, **sampling))
     stats = output.stats if isinstance(output.stats, list) else [output.stats]
     return [(output.sequences[i, len(ids):len(ids) + s.new_tokens].tolist(), s.target_forwards, s.draft_forwards,
              list(s.accept_lengths), s.forward_log) for i, (ids, s) in enumerate(zip(rows, stats))], seconds
