@@ -38,13 +38,23 @@ def next_token(context, step):
 
 
 class Llama:
-    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, seed, verbose, draft_model=None):
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, seed, verbose, draft_model=None,
+                 n_batch=16, logits_all=False):
         if os.environ.get("STAND_IN_FAIL"):
             raise RuntimeError("stand-in llama.cpp refused to start")
         print(f"stand-in llama.cpp loads {model_path}")  # must not reach the protocol
         self.step = int(open(model_path).read())
         self.draft_model, self._n_ctx, self.threads, self.seed = draft_model, n_ctx, n_threads, seed
         self.cached = []
+        # The binding's scores buffer: sized by the logits_all given (n_ctx rows, else n_batch: 512 there,
+        # 16 here), though a draft model turns every token's logits on, each written at its position.
+        self.logits_all, self.all_logits = logits_all, logits_all or draft_model is not None
+        self.score_rows = n_ctx if logits_all else n_batch
+
+    def _save_logits(self, context):
+        if self.all_logits and len(context) > self.score_rows:
+            raise ValueError(f"could not broadcast the logits of {len(context)} tokens into "
+                             f"{self.score_rows} rows")
 
     def n_ctx(self):
         return self._n_ctx
@@ -65,6 +75,7 @@ class Llama:
         CALLS.append((self.step, "sampling", sampling))
         print(f"feeds {len(context) - shared} tokens")
         while True:
+            self._save_logits(context)
             token = next_token(context, self.step)
             self.cached = list(context)
             context.append(token)
@@ -184,6 +195,18 @@ def test_the_lookup_mode_is_the_bindings_prompt_lookup_and_plain_has_no_drafter(
     assert llama_worker.load(settings(stand_in)).draft_model is None
     with pytest.raises(ValueError, match="unknown llama.cpp mode"):
         llama_worker.load(settings(stand_in, "tree"))
+
+
+def test_a_long_context_fits_every_mode_the_drafters_with_all_logits_kept_for_n_ctx(stand_in, fake_llama):
+    """The binding keeps all logits under a drafter but sizes their buffer n_batch rows unless
+    `logits_all=True` (then n_ctx): a prompt past n_batch (a Spec-Bench summary past 512) overran it."""
+    prompt = [(7 * i) % 26 + 65 for i in range(40)]  # past the stand-in's n_batch of 16, within n_ctx 64
+    for mode in (None, "lookup", "draft"):
+        target = llama_worker.load(settings(stand_in, mode))
+        assert llama_worker.decode(target, prompt, 8, [], llama_worker.GREEDY) == expected(prompt, 1, 8)
+        assert target.logits_all is (mode is not None)  # plain decoding keeps only the last logits
+        if mode == "draft":
+            assert target.draft_model.llama.logits_all is False  # the draft model's Llama too
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,23 @@ def decode(llama, prompt: list[int], max_new_tokens: int, eos_ids: list[int], se
 
 
 def load(settings: dict):
-    """The target's Llama, with the drafter the mode asks for."""
+    """The target's Llama, with the drafter the mode asks for.
+
+    With a drafter the target is built with `logits_all=True`. The binding (0.3.36) turns every token's
+    logits on whenever it has a draft model (`Llama.__init__`: `self._logits_all = logits_all if
+    draft_model is None else True`), so `eval` copies each fed token's logits into `self.scores` at its
+    position; but it sizes `self.scores` by the constructor's own `logits_all`: n_ctx rows if it is True,
+    else only n_batch (512) rows. Left False, a context past 512 tokens (a long prompt, or prompt and
+    answer together) overruns the buffer: "could not broadcast input array from shape (512 * n_vocab,)
+    into shape (0,)". `logits_all=True` sizes it n_ctx rows and changes nothing else (the draft model had
+    already turned all logits on); `n_batch=n_ctx` would size it the same but would also make llama.cpp
+    decode a prompt in one batch and hold that many rows of logits itself too.
+
+    The cost, per speculative worker (llama_cpp_lookup, llama_cpp_draft; plain llama_cpp and the draft
+    model's own Llama keep the default): n_ctx x n_vocab float32 of address space, which for the bench's
+    n_ctx (`command.PEER_CONTEXT`, the vLLM peer's max_model_len, 8192) and Qwen2.5's 151936 ids is 4.6
+    GiB; numpy leaves it unwritten, so only the rows a context reaches become resident: 0.58 MiB a token
+    (about 0.6 GiB per 1024 tokens of the run's longest prompt + answer)."""
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -91,7 +107,7 @@ def load(settings: dict):
         drafter = draft_model_class()(Llama(model_path=settings["draft"], **common), settings["draft_tokens"])
     elif mode is not None:
         raise ValueError(f"unknown llama.cpp mode {mode!r}")
-    return Llama(model_path=settings["target"], draft_model=drafter, **common)
+    return Llama(model_path=settings["target"], draft_model=drafter, logits_all=drafter is not None, **common)
 
 
 def serve(settings: dict, requests, replies) -> None:
