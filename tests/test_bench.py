@@ -454,3 +454,31 @@ def test_the_vllm_worker_submits_a_group_in_one_generate_call(monkeypatch):
     assert ready["ready"] is True
     assert calls == [[[1, 2], [3, 4, 5], [6]]]
     assert reply["rows"] == [[2, 9], [5, 9], [6, 9]] and reply["seconds"] >= 0
+
+
+def test_a_cost_table_dropped_by_a_run_is_measured_again_before_the_next_timed_call(monkeypatch):
+    """auto drops a cost table a run shows wrong (e.g. under load); the bench measures it again
+    between prompts, untimed, so that no timed prompt pays for the measurement."""
+    from types import SimpleNamespace
+
+    import torch
+    from tiny_models import tiny_model
+
+    from ouroboros import OuroborosConfig
+    from ouroboros.bench import Bench, contestants, running
+    from ouroboros.engine import engine_for
+
+    target = tiny_model(vocab=50)
+    words = SimpleNamespace(decode=lambda tokens, skip_special_tokens: " ".join(map(str, tokens)))
+    bench = Bench(target, None, words, [0], 0, False, 8, OuroborosConfig(), 1.0, 0, "cpu", fast=False)
+    engine = engine_for(target, None, False)
+    engine.costs()
+    engine._costs = None  # what `Engine.check_costs` leaves after dropping the table
+    present = []
+    timed = running._timed
+    monkeypatch.setattr(running, "_timed", lambda bench, call: (present.append(engine._costs is not None),
+                                                                timed(bench, call))[1])
+    with torch.inference_mode():
+        running.run_batch(bench, contestants()["auto"], [[3, 4, 5]], max_new_tokens=4, temperature=0.0, seed=0,
+                          pool=None)
+    assert present == [True]
