@@ -5,8 +5,9 @@
         "ouro": {"method": "ouroboros"}}'
 
 PROMPTS are HumanEval indices (raw code completion); each config is a method plus OuroborosConfig
-fields, and optionally "draft_vocab" (generate's: the draft's output subset size, 0 for all). One untimed warm-up per config (on HumanEval/5, first 40 tokens), then per prompt HF greedy
-and every config in turn; prints tokens/s, accepted tokens per target forward and whether the
+fields, and optionally "draft_vocab" (generate's: the draft's output subset size, 0 for all). One
+untimed warm-up per config (on HumanEval/5, first 40 tokens), then per prompt HF greedy and every
+config in turn; prints tokens/s, accepted tokens per target forward and whether the
 output equals HF greedy, then totals as ratios over HF greedy. Prefill is included in every time.
 """
 
