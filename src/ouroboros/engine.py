@@ -125,7 +125,7 @@ class Engine:
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""target -> {(draft's id, fast, cache_dir): Engine}: what `generate` reuses from call to call."""
+"""target -> {(draft's id, fast, cache_dir, draft_vocab): Engine}: what `generate` reuses from call to call."""
 
 
 def engine_for(target, draft=None, fast: bool | None = None, cache_dir: str | os.PathLike | None = None,

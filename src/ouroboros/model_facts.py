@@ -81,6 +81,14 @@ def eos_token_ids(model, override: int | Sequence[int] | torch.Tensor | None = N
     return list(dict.fromkeys(ids))
 
 
+def special_token_ids(model) -> list[int]:
+    """The EOS, BOS and padding ids the model's config and generation config name, in range, sorted."""
+    vocab = vocab_size(model)
+    sources = (text_config(model), getattr(model, "generation_config", None))
+    return sorted({int(i) for source in sources for name in ("eos_token_id", "bos_token_id", "pad_token_id")
+                   for i in _as_list(getattr(source, name, None)) if 0 <= int(i) < vocab})
+
+
 def _as_list(ids) -> list:
     if ids is None:
         return []

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .model_facts import text_config
+from .model_facts import special_token_ids, text_config, vocab_size
 
 __all__ = ["DEFAULT_SIZE", "VocabSubset", "vocab_subset"]
 
@@ -50,12 +50,13 @@ class VocabSubset:
     """[S] sorted token ids (int64, on the model's device)."""
     vocab: int
     """The full vocabulary: every runner returns logits [..., vocab], -inf outside `ids`."""
+    key: str = field(init=False)
+    """Names the subset in the keys of cost tables and compiled packages (hashed once: `head` reads it
+    on every draft forward)."""
 
-    @property
-    def key(self) -> str:
-        """Names the subset in the keys of cost tables and compiled packages."""
+    def __post_init__(self):
         digest = hashlib.sha256(self.ids.cpu().numpy().tobytes()).hexdigest()[:12]
-        return f"{len(self.ids)} of {self.vocab} ids, {digest}"
+        object.__setattr__(self, "key", f"{len(self.ids)} of {self.vocab} ids, {digest}")
 
     def head(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight [S, hidden], bias [S] or None): the output layer's rows for `ids`, gathered once."""
@@ -88,16 +89,11 @@ def vocab_subset(model, size: int | None = DEFAULT_SIZE) -> VocabSubset | None:
     not a plain linear layer over the decoder's hidden states (logit scaling or soft-capping)."""
     if not size:
         return None
-    config = text_config(model)
-    vocab = int(config.vocab_size)
+    vocab = vocab_size(model)
     layer = model.get_output_embeddings()
     if vocab < 2 * size or not isinstance(layer, torch.nn.Linear) or layer.weight.shape[0] != vocab:
         return None
-    if getattr(config, "final_logit_softcapping", None) or hasattr(model, "logit_scale"):
+    if getattr(text_config(model), "final_logit_softcapping", None) or hasattr(model, "logit_scale"):
         return None
-    special = {getattr(source, name, None) for source in (config, getattr(model, "generation_config", None))
-               for name in ("eos_token_id", "bos_token_id", "pad_token_id")}
-    flat = {int(i) for value in special if value is not None
-            for i in (value if isinstance(value, (list, tuple)) else [value]) if 0 <= int(i) < vocab}
-    ids = sorted(set(range(size)) | flat)
+    ids = sorted(set(range(size)) | set(special_token_ids(model)))
     return VocabSubset(torch.tensor(ids, dtype=torch.long, device=layer.weight.device), vocab)
