@@ -139,8 +139,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     apply_threads(args)
     target, draft, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
     print(f"measuring on {args.device}, {args.dtype}, {torch.get_num_threads()} threads ...", file=sys.stderr)
-    sizing = tune(target, draft, tokenizer, acceptance=args.acceptance, slack=args.slack, base=base,
-                  fast=fast_from_args(args))
+    from .engine import cost_table
+
+    costs = cost_table(target, draft, fast=fast_from_args(args), progress=True, draft_vocab=draft_vocab_from_args(args))
+    sizing = tune(target, draft, tokenizer, acceptance=args.acceptance, slack=args.slack, base=base, costs=costs)
     print(sizing.report())
     print(memory_bound(target, sizing.target.at(1)).line())
     if args.out:
