@@ -34,9 +34,10 @@ from .model_facts import special_token_ids, text_config, vocab_size
 __all__ = ["DEFAULT_SIZE", "VocabSubset", "vocab_subset"]
 
 DEFAULT_SIZE = 65536
-"""Ids the draft's output layer keeps by default: on HumanEval 0-9 `ouroboros` ran 1.06x faster than
-with the full layer, and 1.00x / 0.92x with 32768 / 16384 ids, whose cheaper forwards lost more in
-acceptance (BENCHMARKS.md, session 11)."""
+"""Ids the draft's output layer keeps by default: on HumanEval 0-9 (the prompts it was chosen on)
+`ouroboros` ran 1.06x faster than with the full layer, and 1.00x / 0.92x with 32768 / 16384 ids,
+whose cheaper forwards lost more in acceptance; on other prompts the gain was within noise (1.015x on
+HumanEval 0-19, 1.00x on new Spec-Bench questions; BENCHMARKS.md, session 11)."""
 
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """model -> {subset key: (weight [S, hidden], bias [S] or None)}: the gathered rows, made once."""
